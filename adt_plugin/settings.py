@@ -1,0 +1,145 @@
+"""One flat, validated set of ADT settings.
+
+TOML presets (`[adt]`), `adt train` overrides, sd-scripts' `--adt_*` flags and
+OneTrainer's `adt` config section all map onto these fields, so a setting has one
+name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, get_type_hints
+
+from .backbones import DEFAULT_DINOV2, DEFAULT_TAPS
+from .discriminator import DiscriminatorConfig
+from .rollout import RolloutConfig
+
+
+class SettingsError(ValueError):
+    """A bad key or value, with where it came from and what to do."""
+
+
+@dataclass(frozen=True)
+class AdtSettings:
+    strategy: str = "adt"  # ft | adt | ip | at
+    # rollout (the sampler the user will use at inference)
+    sampler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.0
+    grad_mode: str = "adt"  # adt (Eq. 11) | drtune (Eq. 4, ablation)
+    k_graph_steps: int = 3
+    gradient_checkpointing: bool = False
+    # generator side
+    g_every: int = 5  # H: the generator loss is returned every H-th iteration
+    lambda_diff: float = 0.5
+    g_warmup_steps: int = 500
+    # discriminator
+    discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
+    backbone_path: str = DEFAULT_DINOV2
+    taps: tuple[int, ...] = DEFAULT_TAPS
+    head_channels: int = 64
+    tau: float = 0.99
+    augment: str = "color,translation,cutout"
+    pool: str = "flatten"
+    d_lr: float = 5e-6
+    d_weight_decay: float = 0.01
+    d_warmup_steps: int = 1000
+    # reproducibility of the strategy's own draws (start step, graph steps, noise, augmentation)
+    seed: int = 0
+
+    def __post_init__(self):
+        from .strategies import STRATEGIES  # late: strategies import settings
+
+        if self.strategy not in STRATEGIES:
+            raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for name in ("num_inference_steps", "g_every"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_diff < 0 or self.d_lr <= 0:
+            raise SettingsError("lambda_diff must be >= 0 and d_lr > 0")
+        object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
+        try:  # the sub-configs validate their own fields
+            self.rollout_config()
+            self.discriminator_config()
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+
+    def rollout_config(self) -> RolloutConfig:
+        return RolloutConfig(
+            sampler=self.sampler,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            grad_mode=self.grad_mode,
+            k_graph_steps=self.k_graph_steps,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+
+    def discriminator_config(self) -> DiscriminatorConfig:
+        return DiscriminatorConfig(
+            kind=self.discriminator,
+            backbone_path=self.backbone_path,
+            taps=self.taps,
+            channels=self.head_channels,
+            tau=self.tau,
+            augment=self.augment,
+            pool=self.pool,
+        )
+
+    def replace(self, **changes: Any) -> "AdtSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "settings") -> "AdtSettings":
+        """Build from a TOML section / dict; unknown keys and wrong types are errors
+        that name the key, where it came from, and the closest valid key."""
+        return cls(**coerce_fields(cls, values, source))
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check `values` against the dataclass `cls`: known keys, right types."""
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
+            raise SettingsError(f"{source}: unknown key {key!r}{hint}")
+        out[key] = _coerce(value, hints[key], f"{source}: key {key!r}")
+    return out
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise SettingsError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SettingsError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SettingsError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise SettingsError(f"{where} must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise SettingsError(f"{where} must be a list of integers, got {value!r}")
+    return value
+
+
+__all__ = ["AdtSettings", "SettingsError", "coerce_fields"]

@@ -1,0 +1,42 @@
+"""Loss strategies: a registry from the names users type to the classes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from .base import LossStrategy, StrategyOutput, TrainBatch
+
+# name -> one-line description; the classes are imported lazily in build_strategy
+STRATEGIES: dict[str, str] = {
+    "ft": "plain diffusion loss (the baseline)",
+    "adt": "Adversarial Diffusion Tuning: rollout + discriminator + lambda x diffusion loss",
+}
+
+
+def build_strategy(
+    settings: "AdtSettings",  # noqa: F821
+    scheduler_config: Mapping[str, Any],
+    backbone: Optional[torch.nn.Module] = None,
+    backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
+    device: Any = None,
+) -> LossStrategy:
+    """The strategy `settings.strategy`. Only `adt` needs a backbone: pass one, or a
+    loader that is called only when it is needed (default: DINOv2 from
+    `settings.backbone_path`)."""
+    if settings.strategy == "ft":
+        from .ft import FtStrategy
+
+        return FtStrategy(scheduler_config, seed=settings.seed)
+    if settings.strategy == "adt":
+        from ..backbones import load_dinov2
+        from .adt import AdtStrategy
+
+        if backbone is None:
+            backbone = backbone_loader() if backbone_loader else load_dinov2(settings.backbone_path, settings.taps)
+        return AdtStrategy(scheduler_config, settings, backbone.to(device), device=device)
+    raise ValueError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
+
+
+__all__ = ["STRATEGIES", "LossStrategy", "StrategyOutput", "TrainBatch", "build_strategy"]

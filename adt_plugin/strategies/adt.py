@@ -1,0 +1,180 @@
+"""`adt`: Adversarial Diffusion Tuning (Algorithm 1).
+
+One iteration:
+  1. draw s over the inference schedule, noise x0 to x_ts, roll out with the real
+     sampler (a graph through K + 1 denoiser calls on generator iterations only);
+  2. decode x_hat_0 and x0 to pixels; update the discriminator with the hinge loss
+     (Eq. 9) and its own AdamW; move the EMA twins;
+  3. every H-th iteration return L_G = -sum_i D_i(x_hat_0) + lambda * L_diff(t_s)
+     (Eq. 8) for the trainer to back-propagate; otherwise return the detached
+     diffusion loss and `updates_generator=False`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..adapter import ModelAdapter
+from ..discriminator import Discriminator, build_discriminator
+from ..losses import diffusion_loss, hinge_d_loss, hinge_g_loss
+from ..rollout import Rollout
+from ..settings import AdtSettings
+from .base import LossStrategy, StrategyOutput, TrainBatch
+
+
+def linear_warmup(steps: int):
+    return lambda step: 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
+
+
+class AdtStrategy(LossStrategy):
+    name = "adt"
+
+    def __init__(
+        self,
+        scheduler_config: Mapping[str, Any],
+        settings: AdtSettings,
+        backbone: torch.nn.Module,
+        device: Any = None,
+    ):
+        super().__init__(settings.seed)
+        self.settings = settings
+        self.rollout = Rollout(scheduler_config, settings.rollout_config(), device=device)
+        self.disc: Discriminator = build_discriminator(backbone, settings.discriminator_config()).to(device)
+        self.d_optimizer = torch.optim.AdamW(
+            self.disc.trainable_parameters(), lr=settings.d_lr, weight_decay=settings.d_weight_decay
+        )
+        self.d_scheduler = torch.optim.lr_scheduler.LambdaLR(self.d_optimizer, linear_warmup(settings.d_warmup_steps))
+        self._g_warmup = linear_warmup(settings.g_warmup_steps)
+        self.skipped_d_steps = 0
+        _broadcast_from_rank0(self.disc)
+
+    def generator_lr_factor(self, step: Optional[int] = None) -> float:
+        return self._g_warmup(self.step if step is None else step)
+
+    def is_generator_step(self, step: Optional[int] = None) -> bool:
+        step = self.step if step is None else step
+        return (step + 1) % self.settings.g_every == 0
+
+    def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:
+        g_step = self.is_generator_step()
+        x0 = batch.x0
+        plan = self.rollout.plan(self.generator)
+        noise = self.randn_like(x0)
+        x_start = self.rollout.start(x0, noise, plan)
+        result = self.rollout.run(model, x_start, batch.cond, plan, grad_mode=None if g_step else "off")
+        l_diff = diffusion_loss(result.first_prediction, self.rollout.target(x0, noise, plan))
+
+        with torch.no_grad():
+            real = model.decode(x0)
+        with torch.set_grad_enabled(g_step):
+            fake = model.decode(result.sample)
+
+        disc = self.disc
+        with torch.no_grad():
+            real_online = disc.features(real, self.generator)
+            real_target = disc.features(real, self.generator) if disc.needs_reference else None
+        with torch.set_grad_enabled(g_step):
+            fake_features = disc.features(fake, self.generator)
+
+        logs = self._discriminator_step(real_online, real_target, fake_features)
+        logs.update({"loss/diff": float(l_diff.detach()), "adt/rollout_steps": float(plan.num_steps)})
+
+        if g_step:
+            reference = disc.reference(real_target) if disc.needs_reference else None  # twins after their update
+            with disc.frozen():
+                g_adv = hinge_g_loss(disc.scores(fake_features, reference))
+            loss = g_adv + self.settings.lambda_diff * l_diff
+            logs["loss/G_adv"] = float(g_adv.detach())
+            logs["loss/G"] = float(loss.detach())
+        else:
+            loss = l_diff.detach()
+        logs["lr/G_factor"] = self.generator_lr_factor()
+        self.step += 1
+        return StrategyOutput(loss, g_step, logs)
+
+    def _discriminator_step(self, real_online, real_target, fake_features) -> dict[str, float]:
+        disc = self.disc
+        reference = disc.reference(real_target) if disc.needs_reference else None
+        d_real = disc.scores(real_online, reference)
+        d_fake = disc.scores([f.detach() for f in fake_features], reference)
+        l_d = hinge_d_loss(d_real, d_fake)
+        logs = {
+            "loss/D": float(l_d.detach()),
+            "D/real": float(torch.stack([r.detach().mean() for r in d_real]).mean()),
+            "D/fake": float(torch.stack([f.detach().mean() for f in d_fake]).mean()),
+            "lr/D": self.d_optimizer.param_groups[0]["lr"],
+        }
+        self.d_optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(l_d):
+            self.skipped_d_steps += 1
+            logs["D/skipped"] = float(self.skipped_d_steps)
+            return logs
+        l_d.backward()
+        _all_reduce_grads(self.d_optimizer)
+        logs["grad_norm/D"] = float(
+            torch.nn.utils.clip_grad_norm_(self.disc.trainable_parameters(), max_norm=float("inf"))
+        )
+        self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)  # free them; the generator pass adds none
+        self.d_scheduler.step()
+        _average_buffers(disc)
+        disc.update_twins()
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            discriminator=self.disc.state_for_checkpoint(),
+            d_optimizer=self.d_optimizer.state_dict(),
+            d_scheduler=self.d_scheduler.state_dict(),
+            skipped_d_steps=self.skipped_d_steps,
+        )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        missing, unexpected = self.disc.load_state_dict(state["discriminator"], strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"discriminator state does not fit: missing {missing}, unexpected {unexpected}")
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.d_scheduler.load_state_dict(state["d_scheduler"])
+        self.skipped_d_steps = int(state.get("skipped_d_steps", 0))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank0(module: torch.nn.Module) -> None:
+    """All processes start from rank 0's discriminator (heads, twins, batch-norm stats)."""
+    if _distributed():
+        for tensor in module.state_for_checkpoint().values():
+            dist.broadcast(tensor, src=0)
+
+
+def _average_buffers(module: torch.nn.Module) -> None:
+    """Batch-norm running statistics see each process's own batch; average them so
+    the twins (which follow them) and a saved checkpoint are the same everywhere."""
+    if _distributed():
+        world = dist.get_world_size()
+        for name, buf in module.named_buffers():
+            if buf.is_floating_point() and not name.startswith(("backbone.", "twins.")):
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(world)
+
+
+def _all_reduce_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Average the discriminator's gradients over processes, so that every process
+    takes the same step and the twins, updated from those weights, stay identical."""
+    if not _distributed():
+        return
+    world = dist.get_world_size()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(world)

@@ -1,0 +1,33 @@
+"""`ft`: the plain single-step diffusion loss, the baseline every other strategy is compared with."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..adapter import ModelAdapter
+from ..losses import diffusion_loss
+from ..noise import NoiseSchedule
+from .base import LossStrategy, StrategyOutput, TrainBatch
+
+
+class FtStrategy(LossStrategy):
+    name = "ft"
+
+    def __init__(self, scheduler_config: Mapping[str, Any], seed: int = 0, timestep_weighting: str = "uniform"):
+        super().__init__(seed)
+        self.schedule = NoiseSchedule(scheduler_config)
+        self.timestep_weighting = timestep_weighting
+
+    def noised(self, x0: torch.Tensor):
+        """(x_t, noise, t) for a random training timestep per sample."""
+        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.timestep_weighting).to(x0.device)
+        noise = self.randn_like(x0)
+        return self.schedule.add_noise(x0, noise, t), noise, t
+
+    def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:
+        x_t, noise, t = self.noised(batch.x0)
+        loss = diffusion_loss(model.denoise(x_t, t, batch.cond), self.schedule.target(batch.x0, noise, t))
+        self.step += 1
+        return StrategyOutput(loss, True, {"loss/diff": float(loss.detach())})

@@ -1,0 +1,141 @@
+"""Loss strategies: ft targets, adt iterations (D-only vs generator), warm-ups, settings."""
+
+import pytest
+import torch
+from tiny import DDPM_CONFIG, FLOW_CONFIG, GraphAuditAdapter, TinyDenoiser, tiny_dinov2
+
+from adt_plugin import AdtSettings, SettingsError, TrainBatch, build_strategy
+from adt_plugin.noise import NoiseSchedule
+from adt_plugin.strategies.adt import AdtStrategy
+
+
+def settings(**kw):
+    base = dict(num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
+                d_warmup_steps=4, g_warmup_steps=2, seed=0)
+    base.update(kw)
+    return AdtSettings(**base)
+
+
+def make_adt(config=DDPM_CONFIG, **kw):
+    torch.manual_seed(0)
+    model = GraphAuditAdapter(TinyDenoiser(), config)
+    strategy = build_strategy(settings(**kw), config, backbone=tiny_dinov2())
+    return model, strategy
+
+
+def batch(n=2):
+    gen = torch.Generator().manual_seed(7)
+    return TrainBatch(x0=torch.randn(n, 4, 8, 8, generator=gen), cond={"labels": torch.arange(n) % 3})
+
+
+@pytest.mark.parametrize("config,kind", [(DDPM_CONFIG, "epsilon"), ({**DDPM_CONFIG, "prediction_type": "v_prediction"}, "v"), (FLOW_CONFIG, "flow")])
+def test_ft_is_mse_to_the_models_own_target(config, kind):
+    torch.manual_seed(0)
+    net = TinyDenoiser()
+    model = GraphAuditAdapter(net, config)
+    strategy = build_strategy(AdtSettings(strategy="ft", seed=3), config)
+    b = batch()
+    out = strategy(model, b)
+    # redo the draws by hand with the same seed
+    gen = torch.Generator().manual_seed(3)
+    sched = NoiseSchedule(config)
+    t = sched.sample_timesteps(2, gen)
+    noise = torch.randn(b.x0.shape, generator=gen)
+    alpha, sigma = sched.alpha_sigma(t)
+    a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    x_t = a * b.x0 + s * noise
+    target = {"epsilon": noise, "v": a * noise - s * b.x0, "flow": noise - b.x0}[kind]
+    if kind == "flow":
+        torch.testing.assert_close(x_t, (1 - s) * b.x0 + s * noise)
+    expected = torch.nn.functional.mse_loss(net(x_t, t, b.cond["labels"]), target)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.updates_generator and out.loss.grad_fn is not None
+
+
+def test_discriminator_only_iteration_builds_no_denoiser_or_decoder_graph():
+    model, strategy = make_adt(g_every=5)
+    heads_before = [p.clone() for p in strategy.disc.trainable_parameters()]
+    twins_before = [p.clone() for p in strategy.disc.twins.parameters()]
+    out = strategy(model, batch())
+    assert not out.updates_generator
+    assert out.loss.grad_fn is None and not out.loss.requires_grad
+    assert model.graph_calls == 0 and model.saved == 0  # nothing saved for backward in denoiser/decoder
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, strategy.disc.trainable_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(twins_before, strategy.disc.twins.parameters()))
+    assert {"loss/D", "D/real", "D/fake", "loss/diff", "lr/D"} <= out.logs.keys()
+    assert "loss/G_adv" not in out.logs
+
+
+def test_generator_iteration_returns_adversarial_plus_lambda_diffusion_loss():
+    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2)
+    out = strategy(model, batch())
+    assert out.updates_generator and out.loss.grad_fn is not None
+    assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff"], rel=1e-5)
+    steps = int(out.logs["adt/rollout_steps"])
+    assert model.graph_calls == 1 + min(2, steps - 1)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.net.parameters())
+    assert all(p.grad is None for p in strategy.disc.trainable_parameters())  # D was updated by its own step
+
+
+def test_generator_loss_every_h_th_iteration():
+    model, strategy = make_adt(g_every=3)
+    flags = [strategy(model, batch()).updates_generator for _ in range(7)]
+    assert flags == [False, False, True, False, False, True, False]
+
+
+def test_discriminator_and_generator_warmups_are_linear():
+    model, strategy = make_adt(g_every=1, d_warmup_steps=4, g_warmup_steps=2)
+    lrs, g = [], []
+    for _ in range(5):
+        g.append(strategy.generator_lr_factor())
+        lrs.append(strategy(model, batch()).logs["lr/D"])
+    assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3])
+    assert g == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_same_seed_same_run():
+    logs = []
+    for _ in range(2):
+        model, strategy = make_adt(g_every=2)
+        logs.append([strategy(model, batch()).logs for _ in range(3)])
+    assert logs[0] == logs[1]
+
+
+def test_flow_model_and_projected_discriminator_run():
+    model, strategy = make_adt(FLOW_CONFIG, sampler="flow_euler", discriminator="projected", g_every=1)
+    out = strategy(model, batch())
+    assert out.updates_generator and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_build_strategy_loads_the_backbone_only_for_adt():
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return tiny_dinov2()
+
+    build_strategy(AdtSettings(strategy="ft"), DDPM_CONFIG, backbone_loader=loader)
+    assert calls == []
+    s = build_strategy(settings(), DDPM_CONFIG, backbone_loader=loader)
+    assert calls == [1] and isinstance(s, AdtStrategy)
+
+
+def test_missing_dinov2_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="DINOv2 backbone not found at .*nothing is downloaded"):
+        build_strategy(AdtSettings(backbone_path=str(tmp_path / "nowhere")), DDPM_CONFIG)
+
+
+def test_settings_reject_unknown_keys_and_wrong_types_naming_the_closest_key():
+    with pytest.raises(SettingsError, match=r"run.toml \[adt\]: unknown key 'lamda_diff'; did you mean 'lambda_diff'\?"):
+        AdtSettings.from_mapping({"lamda_diff": 1.0}, source="run.toml [adt]")
+    with pytest.raises(SettingsError, match="key 'g_every' must be an integer, got '5'"):
+        AdtSettings.from_mapping({"g_every": "5"})
+    with pytest.raises(SettingsError, match="strategy must be one of"):
+        AdtSettings(strategy="gan")
+    with pytest.raises(SettingsError, match="does not fit|unknown sampler"):
+        AdtSettings(sampler="heun")
+    s = AdtSettings.from_mapping({"taps": [1, 2], "lambda_diff": 2})
+    assert s.taps == (1, 2) and s.lambda_diff == 2.0
+    assert AdtSettings.from_mapping(s.to_dict()) == s

@@ -1,0 +1,72 @@
+"""`adt doctor`: the environment a training run will see, and the core's self-check.
+
+One line per check: `[ ok ]`, `[warn]` (works, but worth knowing) or `[FAIL]`.
+Exits non-zero if any check fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from typing import Callable
+
+from packaging.version import InvalidVersion, Version
+
+from .backbones import DEFAULT_DINOV2, dinov2_is_available
+
+# The oldest versions we support: what kohya-ss sd-scripts pins.
+MINIMUM = {"torch": "2.4", "diffusers": "0.32.1", "transformers": "4.54.1", "accelerate": "1.6.0", "peft": "0.13", "safetensors": "0.4.5"}
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001 - a broken install is reported, not raised
+        return None
+
+
+def environment_checks(backbone_path: str) -> list[tuple[str, str, str]]:
+    import torch
+
+    rows: list[tuple[str, str, str]] = [("ok", "python", f"{platform.python_version()} ({sys.executable})")]
+    for name, minimum in MINIMUM.items():
+        found = _version(name)
+        if found is None:
+            rows.append(("FAIL", name, f"not importable (need >= {minimum})"))
+            continue
+        try:
+            ok = Version(found.split("+")[0]) >= Version(minimum)
+        except InvalidVersion:
+            ok = True
+        rows.append(("ok" if ok else "FAIL", name, found if ok else f"{found} is older than the supported {minimum}"))
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(("ok", "device", f"CUDA {torch.version.cuda}: {names}; bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"))
+    else:
+        rows.append(("warn", "device", "no CUDA device: training runs on the CPU (fine for the demo and tests, slow for SD)"))
+    sdpa = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+    xformers = _version("xformers")
+    attention = "SDPA" + (f"; xformers {xformers} installed (optional)" if xformers else "; xformers not installed (optional)")
+    rows.append(("ok" if sdpa else "FAIL", "attention", attention))
+    found, where = dinov2_is_available(backbone_path)
+    rows.append(("ok" if found else "warn", "DINOv2 backbone", where if found else f"not found: {where}. ADT on SD models needs it; `adt demo` does not"))
+    return rows
+
+
+def run_doctor(backbone_path: str = DEFAULT_DINOV2, selfcheck: bool = True, echo: Callable[[str], None] = print) -> int:
+    failed = 0
+    for status, name, detail in environment_checks(backbone_path):
+        failed += status == "FAIL"
+        echo(f"[{status:^4}] {name}: {detail}")
+    if selfcheck:
+        from .selfcheck import run_selfcheck
+
+        def report(result):
+            nonlocal failed
+            failed += not result.ok
+            echo(f"[{'ok' if result.ok else 'FAIL':^4}] self-check {result.name}: {result.detail}")
+
+        run_selfcheck(report=report)
+    echo("all checks passed" if not failed else f"{failed} check(s) failed")
+    return 1 if failed else 0

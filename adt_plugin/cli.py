@@ -1,31 +1,33 @@
-"""The `adt` command. Each sub-command registers itself here and imports its
-heavy modules only when it runs."""
+"""The `adt` command.
+
+Each sub-command is a module with `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`; adding a command is one line in `COMMANDS`. Modules keep
+heavy imports inside `run`, so `adt --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Optional, Sequence
 
-
-def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
-
-    return run_doctor(args.backbone, selfcheck=not args.no_selfcheck)
+COMMANDS = {
+    "doctor": "adt_plugin.doctor",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .backbones import DEFAULT_DINOV2
 
     parser = argparse.ArgumentParser(prog="adt", description="Adversarial Diffusion Tuning for the trainers you already use")
     parser.add_argument("--version", action="version", version=f"adt-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    doctor = sub.add_parser("doctor", help="report the environment and run the core's self-check")
-    doctor.add_argument("--backbone", default=DEFAULT_DINOV2, help="DINOv2 folder or HF cache name to look for")
-    doctor.add_argument("--no-selfcheck", action="store_true", help="only report the environment")
-    doctor.set_defaults(func=_doctor)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 

@@ -15,6 +15,8 @@ from packaging.version import InvalidVersion, Version
 
 from .backbones import DEFAULT_DINOV2, dinov2_is_available
 
+HELP = "report the environment a training run will see and run the core's self-check"
+
 # The oldest versions we support: what kohya-ss sd-scripts pins.
 MINIMUM = {"torch": "2.4", "diffusers": "0.32.1", "transformers": "4.54.1", "accelerate": "1.6.0", "peft": "0.13", "safetensors": "0.4.5"}
 
@@ -70,3 +72,12 @@ def run_doctor(backbone_path: str = DEFAULT_DINOV2, selfcheck: bool = True, echo
         run_selfcheck(report=report)
     echo("all checks passed" if not failed else f"{failed} check(s) failed")
     return 1 if failed else 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--backbone", default=DEFAULT_DINOV2, help="DINOv2 folder or HF cache name to look for")
+    parser.add_argument("--no-selfcheck", action="store_true", help="only report the environment")
+
+
+def run(args) -> int:
+    return run_doctor(args.backbone, selfcheck=not args.no_selfcheck)

@@ -36,12 +36,20 @@ class StrategyOutput:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class LossStrategy(ABC):
     name: str = ""
 
     def __init__(self, seed: int = 0):
         self.step = 0
-        self.generator = torch.Generator().manual_seed(seed)
+        # Each process draws its own start steps, noise and augmentations (the
+        # discriminator's weights stay identical through its gradient all-reduce).
+        self.generator = torch.Generator().manual_seed(seed + _rank())
 
     @abstractmethod
     def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput: ...

@@ -1,0 +1,229 @@
+"""Compute every metric whose weights are available for a set of generated images.
+
+Set metrics (against a reference folder): FID and KID in FID-Inception features,
+FD-DINOv2 and KID in DINOv2 features. Per-image metrics: CLIP score, aesthetic
+score, HPSv2. A metric whose weights (or optional packages) are missing is
+skipped with the reason; the others still run. One network is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from .frechet import frechet_distance_of, kernel_inception_distance
+from .images import iter_image_batches, list_images
+from .scores import ScoreTable
+from .weights import WeightsNotFound, find_weights, missing_message
+
+# (prompt index, seed, path) for each generated image of one model
+GeneratedSet = Sequence[tuple[int, int, Path]]
+
+
+@dataclass
+class MetricWeights:
+    """Local paths of each metric's weights (None: not available)."""
+
+    inception: Optional[Path] = None
+    dinov2: Optional[Path] = None
+    clip: Optional[Path] = None
+    aesthetic: Optional[Path] = None
+    hps: Optional[Path] = None
+
+    @classmethod
+    def resolve(cls, explicit: Mapping[str, Optional[str]], folders: Sequence[str]) -> "MetricWeights":
+        """An explicit path wins; otherwise look for the standard names in `folders`."""
+        found = {}
+        for key in ("inception", "dinov2", "clip", "aesthetic", "hps"):
+            given = explicit.get(key)
+            found[key] = Path(os.path.expanduser(given)) if given else find_weights(key, folders)
+        return cls(**found)
+
+
+@dataclass
+class EvalResult:
+    set_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> model -> value
+    kid_std: dict[str, dict[str, float]] = field(default_factory=dict)
+    table: ScoreTable = field(default_factory=ScoreTable)
+    descriptions: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    reference: Optional[dict] = None
+
+
+def _skip(result: EvalResult, metrics: Sequence[str], reason: str) -> None:
+    for metric in metrics:
+        result.skipped[metric] = reason
+
+
+def _features(extract, files: Sequence[Path], batch_size: int, tick: Callable[[int], None]) -> torch.Tensor:
+    parts = []
+    for batch in iter_image_batches(files, batch_size):
+        parts.append(extract(batch))
+        tick(len(batch))
+    return torch.cat(parts)
+
+
+def _reference_features(extract, files: Sequence[Path], cache_dir: Optional[Path], batch_size: int, tick) -> torch.Tensor:
+    """Reference features, cached by the network description and the files' names, sizes and times."""
+    if cache_dir is None:
+        return _features(extract, files, batch_size, tick)
+    key = hashlib.sha1(extract.description.encode())
+    for path in files:
+        stat = path.stat()
+        key.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cache = cache_dir / f"ref-features-{key.hexdigest()[:16]}.safetensors"
+    if cache.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(cache))["features"]
+    features = _features(extract, files, batch_size, tick)
+    from ..fileio import atomic_save_safetensors
+
+    atomic_save_safetensors({"features": features}, cache, {"network": extract.description, "images": str(len(files))})
+    return features
+
+
+def evaluate(
+    generated: Mapping[str, GeneratedSet],
+    prompts: Sequence[str],
+    weights: MetricWeights,
+    reference_dir: Optional[str | os.PathLike] = None,
+    device=None,
+    batch_size: int = 16,
+    cache_dir: Optional[Path] = None,
+    kid_subsets: int = 100,
+    progress: Optional[Callable[[str, int], Callable[[int], None]]] = None,
+    backbone_loaders: Optional[Mapping[str, Callable[[], object]]] = None,
+) -> EvalResult:
+    """`progress(label, total)` returns a tick(n) callback (e.g. a tqdm bar's update).
+    `backbone_loaders` can replace a loader (tests pass tiny random networks)."""
+    result = EvalResult()
+    progress = progress or (lambda label, total: (lambda n: None))
+    loaders = dict(backbone_loaders or {})
+    models = list(generated)
+    total = sum(len(v) for v in generated.values())
+
+    ref_files: list[Path] = []
+    if reference_dir is None:
+        _skip(result, ["fid", "kid", "fd_dinov2", "kid_dinov2"], "no --ref folder of real images given")
+    else:
+        ref_files = list_images(reference_dir)
+        result.reference = {"folder": str(reference_dir), "images": len(ref_files)}
+
+    set_networks = [("inception", ("fid", "kid")), ("dinov2", ("fd_dinov2", "kid_dinov2"))]
+    for key, (fd_name, kid_name) in set_networks if ref_files else []:
+        try:
+            extract = loaders[key]() if key in loaders else _load_set_network(key, getattr(weights, key), device)
+        except WeightsNotFound as err:
+            _skip(result, [fd_name, kid_name], str(err))
+            continue
+        ref = _reference_features(extract, ref_files, cache_dir, batch_size, progress(f"{key} features (reference)", len(ref_files)))
+        tick = progress(f"{key} features (generated)", total)
+        for model in models:
+            feats = _features(extract, [p for _, _, p in generated[model]], batch_size, tick)
+            result.set_metrics.setdefault(fd_name, {})[model] = frechet_distance_of(feats, ref)
+            kid = kernel_inception_distance(feats, ref, subsets=kid_subsets)
+            result.set_metrics.setdefault(kid_name, {})[model] = kid.mean * 1e3
+            result.kid_std.setdefault(kid_name, {})[model] = kid.std * 1e3
+            subset = kid.subset_size
+        note = f"; generated {min(len(v) for v in generated.values())}+ images per model vs {len(ref_files)} reference images"
+        result.descriptions[fd_name] = f"Fréchet distance in {extract.description}{note}"
+        result.descriptions[kid_name] = (
+            f"KID x 1e3 (cubic polynomial kernel, unbiased MMD², {kid_subsets} subsets of {subset}) in the same features"
+        )
+        del extract
+
+    _clip_metrics(result, generated, prompts, weights, device, batch_size, progress, loaders, total)
+    _hps_metric(result, generated, prompts, weights, device, batch_size, progress, loaders, total)
+    return result
+
+
+def _load_set_network(key: str, path: Optional[Path], device):
+    if path is None:
+        raise WeightsNotFound(missing_message(key))
+    if key == "inception":
+        from .features import InceptionFeatures
+        from .inception import load_fid_inception
+
+        return InceptionFeatures(load_fid_inception(path).to(device))
+    from .features import load_dinov2_features
+
+    return load_dinov2_features(path, device=device)
+
+
+def _clip_metrics(result, generated, prompts, weights, device, batch_size, progress, loaders, total) -> None:
+    try:
+        if "clip" in loaders:
+            clip = loaders["clip"]()
+        else:
+            if weights.clip is None:
+                raise WeightsNotFound(missing_message("clip"))
+            from .clip import load_clip
+
+            clip = load_clip(weights.clip, device=device)
+    except WeightsNotFound as err:
+        _skip(result, ["clip", "aesthetic"], str(err))
+        return
+    head = None
+    try:
+        if "aesthetic" in loaders:
+            head = loaders["aesthetic"]()
+        elif weights.aesthetic is None:
+            raise WeightsNotFound(missing_message("aesthetic"))
+        else:
+            from .aesthetic import load_aesthetic_head
+
+            head = load_aesthetic_head(weights.aesthetic)
+    except WeightsNotFound as err:
+        result.skipped["aesthetic"] = str(err)
+    tick = progress("CLIP / aesthetic", total)
+    for model, items in generated.items():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            images = next(iter_image_batches([p for _, _, p in chunk], len(chunk)))
+            emb = clip.image_embeddings(images)
+            clip_scores = clip.clip_scores(emb, [prompts[p] for p, _, _ in chunk])
+            aes = head(emb) if head is not None else None
+            for i, (p, s, _) in enumerate(chunk):
+                result.table.add("clip", model, p, s, clip_scores[i])
+                if aes is not None:
+                    result.table.add("aesthetic", model, p, s, aes[i])
+            tick(len(chunk))
+    result.descriptions["clip"] = f"CLIP score = 100 x max(cos(image, prompt), 0); {clip.description}"
+    if head is not None:
+        result.descriptions["aesthetic"] = (
+            "LAION aesthetic predictor v2 (linear MLP on L2-normalised CLIP image embeddings, 1-10 scale); "
+            + clip.description
+        )
+
+
+def _hps_metric(result, generated, prompts, weights, device, batch_size, progress, loaders, total) -> None:
+    from .hps import HpsUnavailable
+
+    try:
+        if "hps" in loaders:
+            scorer = loaders["hps"]()
+        else:
+            if weights.hps is None:
+                raise WeightsNotFound(missing_message("hps"))
+            from .hps import load_hps
+
+            scorer = load_hps(weights.hps, device=device)
+    except (WeightsNotFound, HpsUnavailable) as err:
+        result.skipped["hps"] = str(err)
+        return
+    tick = progress("HPSv2", total)
+    for model, items in generated.items():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            images = next(iter_image_batches([p for _, _, p in chunk], len(chunk)))
+            values = scorer.scores(images, [prompts[p] for p, _, _ in chunk])
+            for i, (p, s, _) in enumerate(chunk):
+                result.table.add("hps", model, p, s, values[i])
+            tick(len(chunk))
+    result.descriptions["hps"] = scorer.description

@@ -104,14 +104,14 @@ def test_fid_inception_loader_names_the_file_and_where_to_get_it(tmp_path):
 def test_dinov2_features_are_the_cls_token_of_a_local_folder(tmp_path):
     folder = tiny_dinov2_folder(tmp_path / "dinov2-small")
     assert load_dinov2_features(folder).input_size == 224  # FD-DINOv2's resolution
-    features = load_dinov2_features(folder, input_size=16)
+    features = load_dinov2_features(folder, input_size=28)
     images = torch.rand(3, 3, 20, 20)
     out = features(images)
     assert out.shape == (3, 32)
     from adt_plugin.backbones import IMAGENET_MEAN, IMAGENET_STD
     from adt_plugin.eval.images import normalize, resize
 
-    pixels = normalize(resize(images, 16), IMAGENET_MEAN, IMAGENET_STD)
+    pixels = normalize(resize(images, 28), IMAGENET_MEAN, IMAGENET_STD)
     cls = features.model(pixel_values=pixels).last_hidden_state[:, 0]  # transformers applies the final norm
     assert torch.allclose(out, cls, atol=1e-5) and not torch.allclose(out[0], out[1])
     with pytest.raises(WeightsNotFound, match="dinov2-large.*huggingface-cli download facebook/dinov2-large"):

@@ -42,9 +42,12 @@ def tiny_clip_folder(folder: Path, image_size: int = 16, seed: int = 0) -> Path:
 
 
 def tiny_dinov2_folder(folder: Path, seed: int = 0) -> Path:
-    from tests.tiny import tiny_dinov2
+    """A random 2-block DINOv2 with the real patch size (14), so 224 px is 256 tokens."""
+    from transformers import Dinov2Config, Dinov2Model
 
-    tiny_dinov2(taps=(1, 3), input_size=16, seed=seed).model.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=224)
+    Dinov2Model(config).save_pretrained(str(folder))
     return folder
 
 

@@ -65,6 +65,6 @@ def _panel(draw, box, title, per_model, models, font, small) -> None:
             continue
         y = bottom - (value - low) / span * (bottom - top)
         draw.rectangle((left, min(y, zero), right, max(y, zero)), fill=PALETTE[i % len(PALETTE)])
-        text = f"{value:.3g}"
+        text = f"{value:.4g}"
         ty = y - 15 if value >= 0 else y + 2
         draw.text(((left + right - text_width(small, text)) / 2, ty), text, fill=(0, 0, 0), font=small)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -165,7 +166,9 @@ def load_pipeline(spec: ModelSpec, device, dtype, sampler: str, steps: int):
         )
         raise FileNotFoundError(f"model {spec.name!r}: no diffusers model folder (model_index.json) at {folder}.{hint}")
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in json.loads(index.read_text()) else {}
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; 0.32 knows only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
     if spec.lora_path:
         lora = Path(os.path.expanduser(spec.lora_path))
         if not lora.is_file():

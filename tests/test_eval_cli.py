@@ -14,7 +14,7 @@ from adt_plugin.cli import main
 from adt_plugin.eval.aesthetic import AestheticHead
 from adt_plugin.eval.command import parse_seeds, read_prompts
 from adt_plugin.eval.generate import ModelSpec, initial_noise, parse_models, read_record
-from tests.tiny_eval import kohya_lora_for, tiny_clip_folder, tiny_dinov2_folder, tiny_sd_folder
+from tiny_eval import kohya_lora_for, tiny_clip_folder, tiny_dinov2_folder, tiny_sd_folder
 
 
 def test_parse_models():
@@ -104,7 +104,7 @@ def test_adt_eval_generates_evaluates_and_resumes(workspace, tmp_path, capsys):
     assert read_record(images["ft"][0])["seed"] == 0 and read_record(images["ft"][0])["prompt"] == "a cat"
 
     report = (out / "report.md").read_text()
-    assert "| model | FD-DINOv2 ↓ | KID-DINOv2×1e3 ↓ | Aesthetic ↑ | CLIP score ↑ |" in report
+    assert "| model | FD-DINOv2 ↓ | KID-DINOv2 x1e3 ↓ | Aesthetic ↑ | CLIP score ↑ |" in report
     assert "| ft over base |" in report and "| zero over base | 50.0% (0/2/0) |" in report
     assert "pt_inception-2015-12-05-6726825d.pth" in report and "## Skipped" in report  # no Inception weights
     data = json.loads((out / "report.json").read_text())

@@ -16,7 +16,7 @@ from adt_plugin.eval.frechet import GaussianStats, frechet_distance, frechet_dis
 from adt_plugin.eval.inception import FidInceptionV3, load_fid_inception
 from adt_plugin.eval.scores import ScoreTable, win_rate
 from adt_plugin.eval.weights import WeightsNotFound, find_weights
-from tests.tiny_eval import tiny_clip_folder, tiny_dinov2_folder
+from tiny_eval import tiny_clip_folder, tiny_dinov2_folder
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
@@ -212,3 +212,42 @@ def test_score_table_summaries_merge_and_json_round_trip():
     assert merged.metrics() == ["clip", "aesthetic"] and t.metrics() == ["clip"]
     assert ScoreTable.from_json(merged.to_json()).values == merged.values
     assert t.win_rate("clip", "adt", "base").rate == 1.0
+
+
+def test_discriminator_score_loads_a_checkpoint_and_scores_without_augmentation(tmp_path):
+    from tiny import DDPM_CONFIG, tiny_dinov2
+
+    from adt_plugin import AdtSettings, build_strategy
+    from adt_plugin.checkpoint import CheckpointMismatch, save_discriminator
+    from adt_plugin.eval.disc_score import load_discriminator_scorer
+
+    settings = AdtSettings(num_inference_steps=5, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3, g_every=2)
+    torch.manual_seed(0)
+    strategy = build_strategy(settings, DDPM_CONFIG, backbone=tiny_dinov2(taps=(1, 3)))
+    path = save_discriminator(tmp_path / "lora.adt_disc.safetensors", strategy)
+
+    torch.manual_seed(1)  # the scorer's fresh heads start from other random weights than the saved ones
+    scorer = load_discriminator_scorer(path, backbone=tiny_dinov2(taps=(1, 3)))
+    assert scorer.disc.policy == () and scorer.step == 0 and "step 0" in scorer.description
+    trained = strategy.disc.state_for_checkpoint()
+    assert all(torch.equal(v, scorer.disc.state_for_checkpoint()[k]) for k, v in trained.items())
+    images = torch.rand(3, 3, 20, 20)
+    scores = scorer.scores(images)
+    assert scores.shape == (3,) and ((scores >= -1) & (scores <= 1)).all()
+    assert torch.equal(scores, scorer.scores(images))  # deterministic
+    disc = strategy.disc.eval()
+    disc.policy = ()
+    from adt_plugin.eval.images import resize
+
+    features = disc.features(resize(images, 16) * 2 - 1, torch.Generator())
+    manual = torch.stack(disc.scores(features, disc.reference(features))).mean(0)
+    assert torch.allclose(scores, manual, atol=1e-6)
+    one = images[:1]
+    assert torch.allclose(scorer.scores(one, references=one), scorer.scores(one), atol=1e-6)
+    against_two = scorer.scores(one, references=images[1:])
+    assert against_two.shape == (1,)
+
+    other = tiny_dinov2(taps=(1, 3))
+    other.identity = "dinov2:384x12"
+    with pytest.raises(CheckpointMismatch, match="backbone"):
+        load_discriminator_scorer(path, backbone=other)

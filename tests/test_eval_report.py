@@ -103,7 +103,7 @@ def _result() -> EvalResult:
 
 def test_markdown_report_is_a_table_1_with_win_rates_and_notes():
     text = markdown(_result(), ["base", "ft", "adt"], {"ft": "./sd15 + ft.safetensors @ 1"}, {"sampler": "ddim", "steps": 50})
-    assert "| model | FID ↓ | KID×1e3 ↓ | CLIP score ↑ |" in text
+    assert "| model | FID ↓ | KID x1e3 ↓ | CLIP score ↑ |" in text
     assert "| ft | 16.89 | 3.00 ± 0.40 | 30.00 ± 0.89 |" in text
     assert "| ft over base | 50.0% (1/1/1) |" in text and "| adt over ft | 83.3% (2/1/0) |" in text
     assert "299x299" in text and "## Skipped" in text and "sac+logos" in text

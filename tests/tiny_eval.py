@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny import DDPM_CONFIG
+from tiny import DDPM_CONFIG
 
 
 def write_tiny_clip_tokenizer(folder: Path) -> int:

@@ -190,7 +190,7 @@ def write_grid(out: Path, jobs, prompts, models, result, settings, max_rows: int
     for key in rows:
         cells.append([Image.open(by_key[m][key]).convert("RGB") for m in models])
         notes.append([
-            [f"{METRICS[x].label} {METRICS[x].fmt.format(v)}" for x in metrics if (v := result.table.get(x, m).get(key)) is not None]
+            [f"{METRICS[x].tag} {METRICS[x].fmt.format(v)}" for x in metrics if (v := result.table.get(x, m).get(key)) is not None]
             for m in models
         ])
     title = f"{settings['sampler']} {settings['steps']} steps, CFG {settings['cfg']:g}, {settings['size']}"

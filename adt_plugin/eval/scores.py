@@ -18,6 +18,11 @@ class MetricInfo:
     label: str
     higher_is_better: bool
     fmt: str = "{:.2f}"
+    short: str = ""  # for notes drawn on image cells
+
+    @property
+    def tag(self) -> str:
+        return self.short or self.label
 
     @property
     def arrow(self) -> str:
@@ -26,13 +31,13 @@ class MetricInfo:
 
 METRICS: dict[str, MetricInfo] = {
     "fid": MetricInfo("FID", False),
-    "kid": MetricInfo("KID×1e3", False),
+    "kid": MetricInfo("KID x1e3", False),
     "fd_dinov2": MetricInfo("FD-DINOv2", False, "{:.1f}"),
-    "kid_dinov2": MetricInfo("KID-DINOv2×1e3", False),
-    "clip": MetricInfo("CLIP score", True),
-    "hps": MetricInfo("HPSv2", True),
-    "aesthetic": MetricInfo("Aesthetic", True, "{:.3f}"),
-    "disc": MetricInfo("ADT D score", True, "{:.3f}"),
+    "kid_dinov2": MetricInfo("KID-DINOv2 x1e3", False),
+    "clip": MetricInfo("CLIP score", True, short="CLIP"),
+    "hps": MetricInfo("HPSv2", True, short="HPS"),
+    "aesthetic": MetricInfo("Aesthetic", True, "{:.3f}", short="AES"),
+    "disc": MetricInfo("ADT D score", True, "{:.3f}", short="D"),
 }
 
 Key = tuple[int, int]  # (prompt index, seed)

@@ -36,11 +36,11 @@ def import_open_clip():
 
 
 class HpsScorer:
-    def __init__(self, model, preprocess, tokenizer, name: str):
+    def __init__(self, model, preprocess, tokenizer, name: str, arch: str = "ViT-H-14"):
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self.description = f"HPSv2 ({name}), 100 x cos(image, prompt); open_clip's own preprocessing (224, bicubic, centre crop)"
+        self.description = f"HPSv2 ({name}, open_clip {arch}), 100 x cos(image, prompt); open_clip's preprocessing for {arch}"
 
     @property
     def device(self) -> torch.device:
@@ -60,9 +60,11 @@ def load_hps(path: str | os.PathLike, device=None, arch: str = "ViT-H-14") -> Hp
     path = Path(os.path.expanduser(str(path)))
     open_clip = import_open_clip()
     state = load_state_dict_file(path, what=spec.what, get=f"get it with: {spec.get}")
+    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module.") :]: v for k, v in state.items()}
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device="cpu")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise WeightsNotFound(f"{path} does not fit open_clip {arch}: {err}; get HPSv2 with: {spec.get}") from err
-    return HpsScorer(model.to(device), preprocess, open_clip.get_tokenizer(arch), name=path.name)
+    return HpsScorer(model.to(device), preprocess, open_clip.get_tokenizer(arch), name=path.name, arch=arch)

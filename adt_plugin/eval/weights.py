@@ -55,7 +55,8 @@ WEIGHTS: dict[str, WeightsSpec] = {
         "LAION aesthetic predictor v2 head",
         ("sac+logos+ava1-l14-linearMSE.pth",),
         False,
-        "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
+        "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+        " (or huggingface-cli download camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth --local-dir .)",
     ),
     "hps": WeightsSpec(
         "hps",

@@ -251,3 +251,33 @@ def test_discriminator_score_loads_a_checkpoint_and_scores_without_augmentation(
     other.identity = "dinov2:384x12"
     with pytest.raises(CheckpointMismatch, match="backbone"):
         load_discriminator_scorer(path, backbone=other)
+
+
+def test_evaluate_scores_what_it_can_and_says_what_it_skipped(tmp_path):
+    from PIL import Image
+
+    from adt_plugin.eval.suite import MetricWeights, evaluate
+
+    class StandInHps:  # the HPSv2 scorer's interface (open_clip is not installed in the test environment)
+        description = "stand-in HPS"
+
+        def scores(self, images, prompts):
+            return torch.tensor([float(len(p)) + image.mean() for image, p in zip(images, prompts)])
+
+    generated = {}
+    for model, shade in (("base", 40), ("adt", 200)):
+        generated[model] = []
+        for p in range(2):
+            path = tmp_path / model / f"{p}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8), (shade,) * 3).save(path)
+            generated[model].append((p, 0, path))
+    ticks = []
+    result = evaluate(
+        generated, ["a cat", "a dog"], MetricWeights(), reference_dir=None,
+        progress=lambda label, total: (lambda n: ticks.append((label, n))), overrides={"hps": StandInHps},
+    )
+    assert result.table.metrics() == ["hps"] and result.table.win_rate("hps", "adt", "base").rate == 1.0
+    assert result.descriptions["hps"] == "stand-in HPS" and ("HPSv2", 2) in ticks
+    assert "no --ref folder" in result.skipped["fid"] and "clip-vit-large-patch14" in result.skipped["clip"]
+    assert "sac+logos" in result.skipped["aesthetic"] or "clip-vit-large-patch14" in result.skipped["aesthetic"]

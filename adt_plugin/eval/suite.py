@@ -60,6 +60,15 @@ def _skip(result: EvalResult, metrics: Sequence[str], reason: str) -> None:
         result.skipped[metric] = reason
 
 
+def _chunks(generated: Mapping[str, GeneratedSet], batch_size: int, tick: Callable[[int], None]):
+    """(model, [(prompt, seed, path)], [images]) in batches, ticking the progress bar."""
+    for model, items in generated.items():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            yield model, chunk, next(iter_image_batches([p for _, _, p in chunk], len(chunk)))
+            tick(len(chunk))
+
+
 def _features(extract, files: Sequence[Path], batch_size: int, tick: Callable[[int], None]) -> torch.Tensor:
     parts = []
     for batch in iter_image_batches(files, batch_size):
@@ -98,13 +107,13 @@ def evaluate(
     cache_dir: Optional[Path] = None,
     kid_subsets: int = 100,
     progress: Optional[Callable[[str, int], Callable[[int], None]]] = None,
-    backbone_loaders: Optional[Mapping[str, Callable[[], object]]] = None,
+    overrides: Optional[Mapping[str, Callable[[], object]]] = None,
 ) -> EvalResult:
     """`progress(label, total)` returns a tick(n) callback (e.g. a tqdm bar's update).
-    `backbone_loaders` can replace a loader (tests pass tiny random networks)."""
+    `overrides` can replace a metric's loader (e.g. a stand-in HPSv2 scorer where open_clip is absent)."""
     result = EvalResult()
     progress = progress or (lambda label, total: (lambda n: None))
-    loaders = dict(backbone_loaders or {})
+    loaders = dict(overrides or {})
     models = list(generated)
     total = sum(len(v) for v in generated.values())
 
@@ -118,7 +127,7 @@ def evaluate(
     set_networks = [("inception", ("fid", "kid")), ("dinov2", ("fd_dinov2", "kid_dinov2"))]
     for key, (fd_name, kid_name) in set_networks if ref_files else []:
         try:
-            extract = loaders[key]() if key in loaders else _load_set_network(key, getattr(weights, key), device)
+            extract = _load(key, weights, loaders, device)
         except WeightsNotFound as err:
             _skip(result, [fd_name, kid_name], str(err))
             continue
@@ -143,57 +152,70 @@ def evaluate(
     return result
 
 
-def _load_set_network(key: str, path: Optional[Path], device):
-    if path is None:
-        raise WeightsNotFound(missing_message(key))
-    if key == "inception":
-        from .features import InceptionFeatures
-        from .inception import load_fid_inception
+def _load_inception(path: Path, device):
+    from .features import InceptionFeatures
+    from .inception import load_fid_inception
 
-        return InceptionFeatures(load_fid_inception(path).to(device))
+    return InceptionFeatures(load_fid_inception(path).to(device))
+
+
+def _load_dinov2(path: Path, device):
     from .features import load_dinov2_features
 
     return load_dinov2_features(path, device=device)
 
 
+def _load_clip(path: Path, device):
+    from .clip import load_clip
+
+    return load_clip(path, device=device)
+
+
+def _load_aesthetic(path: Path, device):
+    from .aesthetic import load_aesthetic_head
+
+    return load_aesthetic_head(path)
+
+
+def _load_hps(path: Path, device):
+    from .hps import load_hps
+
+    return load_hps(path, device=device)
+
+
+LOADERS = {"inception": _load_inception, "dinov2": _load_dinov2, "clip": _load_clip, "aesthetic": _load_aesthetic, "hps": _load_hps}
+
+
+def _load(key: str, weights: MetricWeights, overrides: Mapping[str, Callable[[], object]], device):
+    """A metric's network: from `overrides` (tests), else from its weights path;
+    WeightsNotFound (saying where to get it) when there is none."""
+    if key in overrides:
+        return overrides[key]()
+    path = getattr(weights, key)
+    if path is None:
+        raise WeightsNotFound(missing_message(key))
+    return LOADERS[key](path, device)
+
+
 def _clip_metrics(result, generated, prompts, weights, device, batch_size, progress, loaders, total) -> None:
     try:
-        if "clip" in loaders:
-            clip = loaders["clip"]()
-        else:
-            if weights.clip is None:
-                raise WeightsNotFound(missing_message("clip"))
-            from .clip import load_clip
-
-            clip = load_clip(weights.clip, device=device)
+        clip = _load("clip", weights, loaders, device)
     except WeightsNotFound as err:
         _skip(result, ["clip", "aesthetic"], str(err))
         return
     head = None
     try:
-        if "aesthetic" in loaders:
-            head = loaders["aesthetic"]()
-        elif weights.aesthetic is None:
-            raise WeightsNotFound(missing_message("aesthetic"))
-        else:
-            from .aesthetic import load_aesthetic_head
-
-            head = load_aesthetic_head(weights.aesthetic)
+        head = _load("aesthetic", weights, loaders, device)
     except WeightsNotFound as err:
         result.skipped["aesthetic"] = str(err)
-    tick = progress("CLIP / aesthetic", total)
-    for model, items in generated.items():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            images = next(iter_image_batches([p for _, _, p in chunk], len(chunk)))
-            emb = clip.image_embeddings(images)
-            clip_scores = clip.clip_scores(emb, [prompts[p] for p, _, _ in chunk])
-            aes = head(emb) if head is not None else None
-            for i, (p, s, _) in enumerate(chunk):
-                result.table.add("clip", model, p, s, clip_scores[i])
-                if aes is not None:
-                    result.table.add("aesthetic", model, p, s, aes[i])
-            tick(len(chunk))
+    for model, chunk, images in _chunks(generated, batch_size, progress("CLIP / aesthetic", total)):
+        emb = clip.image_embeddings(images)
+        clip_scores = clip.clip_scores(emb, [prompts[p] for p, _, _ in chunk])
+        aes = head(emb) if head is not None else None
+        for i, (p, s, _) in enumerate(chunk):
+            result.table.add("clip", model, p, s, clip_scores[i])
+            if aes is not None:
+                result.table.add("aesthetic", model, p, s, aes[i])
     result.descriptions["clip"] = f"CLIP score = 100 x max(cos(image, prompt), 0); {clip.description}"
     if head is not None:
         result.descriptions["aesthetic"] = (
@@ -206,24 +228,12 @@ def _hps_metric(result, generated, prompts, weights, device, batch_size, progres
     from .hps import HpsUnavailable
 
     try:
-        if "hps" in loaders:
-            scorer = loaders["hps"]()
-        else:
-            if weights.hps is None:
-                raise WeightsNotFound(missing_message("hps"))
-            from .hps import load_hps
-
-            scorer = load_hps(weights.hps, device=device)
+        scorer = _load("hps", weights, loaders, device)
     except (WeightsNotFound, HpsUnavailable) as err:
         result.skipped["hps"] = str(err)
         return
-    tick = progress("HPSv2", total)
-    for model, items in generated.items():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            images = next(iter_image_batches([p for _, _, p in chunk], len(chunk)))
-            values = scorer.scores(images, [prompts[p] for p, _, _ in chunk])
-            for i, (p, s, _) in enumerate(chunk):
-                result.table.add("hps", model, p, s, values[i])
-            tick(len(chunk))
+    for model, chunk, images in _chunks(generated, batch_size, progress("HPSv2", total)):
+        values = scorer.scores(images, [prompts[p] for p, _, _ in chunk])
+        for i, (p, s, _) in enumerate(chunk):
+            result.table.add("hps", model, p, s, values[i])
     result.descriptions["hps"] = scorer.description

@@ -115,12 +115,18 @@ def test_adt_eval_generates_evaluates_and_resumes(workspace, tmp_path, capsys):
     assert grid.width > 3 * 16 and Image.open(out / "chart.png").height > 0
     assert "base: 4 generated, 0 reused" in printed and "wrote" in printed
 
+    cached = sorted((out / "cache").glob("ref-features-*.safetensors"))
+    assert len(cached) == 1  # DINOv2 features of the reference folder
+    cache_stamp = cached[0].stat().st_mtime_ns
+
     # resume: nothing regenerated, files untouched
     stamp = {p: p.stat().st_mtime_ns for v in images.values() for p in v}
     assert _run(workspace, out, "--skip-generation") == 0
     assert _run(workspace, out) == 0
     assert "ft: 0 generated, 4 reused" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    assert sorted((out / "cache").glob("ref-features-*.safetensors")) == cached
+    assert cached[0].stat().st_mtime_ns == cache_stamp  # read back, not recomputed
     # other settings: the records no longer match, so the images are made again
     assert _run(workspace, out, "--skip-generation", "--steps", "2") == 2
     assert "were made with other settings" in capsys.readouterr().out

@@ -77,12 +77,15 @@ def _features(extract, files: Sequence[Path], batch_size: int, tick: Callable[[i
     return torch.cat(parts)
 
 
-def _reference_features(extract, files: Sequence[Path], cache_dir: Optional[Path], batch_size: int, tick) -> torch.Tensor:
-    """Reference features, cached by the network description and the files' names, sizes and times."""
+def _reference_features(
+    extract, weights_path: Optional[Path], files: Sequence[Path], cache_dir: Optional[Path], batch_size: int, tick
+) -> torch.Tensor:
+    """Reference features, cached by the network (description, weights file) and the
+    images' names, sizes and times."""
     if cache_dir is None:
         return _features(extract, files, batch_size, tick)
     key = hashlib.sha1(extract.description.encode())
-    for path in files:
+    for path in ([weights_path] if weights_path is not None else []) + list(files):
         stat = path.stat()
         key.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     cache = cache_dir / f"ref-features-{key.hexdigest()[:16]}.safetensors"
@@ -131,7 +134,8 @@ def evaluate(
         except WeightsNotFound as err:
             _skip(result, [fd_name, kid_name], str(err))
             continue
-        ref = _reference_features(extract, ref_files, cache_dir, batch_size, progress(f"{key} features (reference)", len(ref_files)))
+        ref_tick = progress(f"{key} features (reference)", len(ref_files))
+        ref = _reference_features(extract, getattr(weights, key), ref_files, cache_dir, batch_size, ref_tick)
         tick = progress(f"{key} features (generated)", total)
         for model in models:
             feats = _features(extract, [p for _, _, p in generated[model]], batch_size, tick)

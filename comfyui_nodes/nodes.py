@@ -7,6 +7,7 @@ this file imports without ComfyUI; the logic it calls lives in `core` and in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -71,13 +72,21 @@ def _metric_choices(key: str) -> list[str]:
 
     spec = WEIGHTS[key]
     entries = _list_metric_entries()
-    if spec.folder:
-        found = [n for n in entries if any(os.path.isfile(os.path.join(f, n, "config.json")) for f in _folders(METRICS_FOLDER))]
+    if spec.folder:  # Hugging Face folders whose config says they are this kind of model
+        found = [n for n in entries if any(_model_type(os.path.join(f, n)) == key for f in _folders(METRICS_FOLDER))]
     else:
         found = [n for n in entries if n.endswith((".pt", ".pth", ".safetensors", ".bin")) and not n.endswith(DISC_SUFFIX)]
     preferred = [n for n in spec.names if n in found]
     others = [n for n in found if n not in preferred]
     return preferred + others or [missing_choice(key)]
+
+
+def _model_type(folder: str) -> Optional[str]:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def missing_choice(key: str) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -168,6 +169,25 @@ def test_nodes_register_with_the_server_widget_order_and_example(server):
     ui = json.loads(_get(server["url"], "/api/workflow_templates/adt_compare/adt_abc_compare_metrics.json"))
     api = json.loads((REPO / "tests" / "comfyui" / "adt_compare_abc_api.json").read_text())
     assert ui_to_api(ui, widgets) == api
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs chromium for ComfyUI's frontend")
+def test_the_frontend_turns_the_example_into_the_api_twin(server):
+    """ComfyUI's own frontend (headless Chromium) loads the UI-format example and
+    makes exactly the API-format twin (plus PreviewAny's display-only `preview`)."""
+    if server["api"] != "v3":
+        pytest.skip("one frontend check is enough")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    example = REPO / "comfyui_nodes" / "example_workflows" / "adt_abc_compare_metrics.json"
+    script = REPO / "tests" / "comfyui" / "frontend_prompt.py"
+    done = subprocess.run([python, str(script), server["url"], str(example)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    made = json.loads(done.stdout)
+    for node in made.values():
+        if node["class_type"] == "PreviewAny":
+            assert node["inputs"].pop("preview") == ""
+    api = json.loads((REPO / "tests" / "comfyui" / "adt_compare_abc_api.json").read_text())
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in made.items()} == api
 
 
 def test_example_workflow_runs_on_a_tiny_checkpoint(server):

@@ -245,6 +245,8 @@ def test_metric_nodes_score_and_say_what_is_missing(comfy_standins, tmp_path):
     tiny_clip_folder(metrics / "clip-vit-large-patch14")
     torch.save(AestheticHead(embed_dim=8).state_dict(), metrics / "sac+logos+ava1-l14-linearMSE.pth")
     assert nodes._metric_choices("clip") == ["clip-vit-large-patch14"]
+    assert nodes._metric_choices("dinov2") == [nodes.missing_choice("dinov2")]  # a CLIP folder is not a DINOv2
+    assert nodes._metric_choices("aesthetic") == ["sac+logos+ava1-l14-linearMSE.pth"]
     assert nodes.validate_clip_score(None, "../clip-vit-large-patch14").startswith("clip_model: ")
     assert nodes.validate_clip_score(None, "clip-vit-base-patch32") is True  # missing: a note at run time
     _, _, table = nodes.run_clip_score(Hidden(), comparison, "clip-vit-base-patch32")

@@ -61,7 +61,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"{self.prompt}\nseed {self.seed}"
+        return f"seed {self.seed}\n{self.prompt}"  # the seed first: it stays visible when a long prompt is cut
 
 
 def plan_rows(prompts: Sequence[str], seeds: Sequence[int]) -> list[Row]:

@@ -142,10 +142,11 @@ def run(args) -> int:
     weights = MetricWeights.resolve(explicit, folders)
     bars = []
 
-    def progress(label, total):
-        bar = tqdm(total=total, desc=label, unit="img", leave=False)
-        bars.append(bar)
-        return bar.update
+    def progress(label, total):  # one stage at a time: close the previous bar first
+        for bar in bars:
+            bar.close()
+        bars[:] = [tqdm(total=total, desc=label, unit="img")]
+        return bars[0].update
 
     generated = {name: [(j.prompt_index, j.seed, j.path) for j in js] for name, js in jobs.items()}
     result = evaluate(
@@ -194,7 +195,7 @@ def write_grid(out: Path, jobs, prompts, models, result, settings, max_rows: int
             for m in models
         ])
     title = f"{settings['sampler']} {settings['steps']} steps, CFG {settings['cfg']:g}, {settings['size']}"
-    labels = [f"{prompts[p]}\nseed {s}" for p, s in rows]
+    labels = [f"seed {s}\n{prompts[p]}" for p, s in rows]
     path = out / "grid.png"
     save_png(render_grid(cells, models, labels, title=title, notes=notes), path)
     return path

@@ -48,7 +48,7 @@ def markdown(result: EvalResult, models: Sequence[str], model_descriptions: Mapp
     columns = list(values)
     lines = ["# adt eval", ""]
     lines += [f"- **{m}**: `{model_descriptions.get(m, m)}`" for m in models]
-    lines += ["- " + ", ".join(f"{k}: {v}" for k, v in settings.items()), ""]
+    lines += ["- " + ", ".join(f"{k}: {v if v != '' else chr(34) * 2}" for k, v in settings.items()), ""]
     if columns:
         lines.append("| model | " + " | ".join(f"{_info(c).label} {_info(c).arrow}" for c in columns) + " |")
         lines.append("| --- |" + " ---: |" * len(columns))

@@ -135,3 +135,8 @@ def test_adt_eval_generates_evaluates_and_resumes(workspace, tmp_path, capsys):
 def test_adt_eval_reports_a_bad_argument_without_a_traceback(workspace, tmp_path, capsys):
     assert main(["eval", "--prompts", str(tmp_path / "nope.txt"), "--models", "a=x", "--out", str(tmp_path)]) == 2
     assert "prompt file" in capsys.readouterr().out
+    prompts = str(workspace / "prompts.txt")
+    assert main(["eval", "--prompts", prompts, "--models", f"a={workspace / 'sd'}", "--out", str(tmp_path), "--ref", str(tmp_path / "none")]) == 2
+    assert "image folder" in capsys.readouterr().out and not (tmp_path / "images").exists()
+    assert main(["eval", "--prompts", prompts, "--models", f"a={tmp_path}", "--out", str(tmp_path / "o")]) == 2
+    assert "no diffusers model folder (model_index.json)" in capsys.readouterr().out

@@ -109,19 +109,26 @@ def _device_and_dtype(device: str, dtype: str):
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what, without a traceback
+        print(f"adt eval: {err}")
+        return 2
+
+
+def _run(args) -> int:
     from tqdm.auto import tqdm
 
     from .generate import SamplingSettings, generate_model, is_done, parse_models, plan_jobs
+    from .images import list_images
     from .report import write_report
     from .suite import MetricWeights, evaluate
 
-    try:
-        prompts = read_prompts(args.prompts)
-        specs = parse_models(args.models, args.base_model)
-        seeds = parse_seeds(args.seeds)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"adt eval: {err}")
-        return 2
+    prompts = read_prompts(args.prompts)
+    specs = parse_models(args.models, args.base_model)
+    seeds = parse_seeds(args.seeds)
+    if args.ref:
+        list_images(args.ref)  # fail before hours of generation, not after
     out = Path(args.out)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     settings = SamplingSettings(args.sampler, args.steps, args.cfg, args.width, args.height, args.negative, seeds)

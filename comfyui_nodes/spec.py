@@ -4,7 +4,7 @@ and behaviour. No ComfyUI import happens here until a builder runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 CATEGORY = "ADT/compare"
@@ -42,7 +42,6 @@ class NodeSpec:
     run: Callable[..., tuple]  # run(hidden=Hidden, **inputs) -> outputs
     validate: Optional[Callable] = None  # classmethod body: validate(cls, <widget inputs>) -> True | str
     category: str = CATEGORY
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

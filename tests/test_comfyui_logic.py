@@ -16,7 +16,7 @@ import torch
 
 from comfy_workflows import spec_widgets, ui_to_api
 from comfyui_nodes import core
-from comfyui_nodes.core import BASE_CHOICE, SKIP_CHOICE, Comparison, PathRefused, Row, Variant
+from comfyui_nodes.core import BASE_CHOICE, SKIP_CHOICE, Comparison, PathRefused, Variant
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"sampler_name": "euler", "scheduler": "normal", "steps": 20, "cfg": 7.0, "width": 32, "height": 32, "negative": ""}

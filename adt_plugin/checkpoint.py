@@ -37,7 +37,11 @@ def disc_path_for(model_path: str | os.PathLike) -> Path:
 
 
 def _fingerprint(strategy) -> dict[str, Any]:
-    disc = strategy.disc
+    return discriminator_fingerprint(strategy.disc)
+
+
+def discriminator_fingerprint(disc) -> dict[str, Any]:
+    """What a checkpoint must match to load into `disc` (recorded in every file)."""
     cfg = disc.config
     return {
         "kind": cfg.kind,

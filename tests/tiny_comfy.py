@@ -1,0 +1,100 @@
+"""The smallest checkpoint ComfyUI's `load_checkpoint_guess_config` takes for SD1.x.
+
+What ComfyUI (comfy/model_detection.py, comfy/supported_models.py, comfy/sd.py at
+a125cd84) needs, found by reading it:
+
+* UNet keys in the original LDM layout under `model.diffusion_model.`; the
+  architecture is read from the keys (levels, res blocks, transformer depth), and
+  SD1.5 is matched on model_channels 320, context_dim 768 (attn2.to_k input),
+  conv proj_in, no label embedding, no temporal layers. So the width is fixed but
+  the depth is free: one level, one res block, one transformer block (22M params).
+* The text encoder is always built at full CLIP-L size from ComfyUI's own config
+  (sd1_clip_config.json), and weights missing from the file are left
+  uninitialised, so the file carries a full (random) CLIP-L text model (123M).
+* The VAE is built with the SD config (ch 128, mult 1-2-4-4) whatever the file
+  holds; diffusers-named VAE keys are converted by ComfyUI, so a random diffusers
+  AutoencoderKL at SD size is stored under `first_stage_model.` (84M).
+Stored in fp16: about 450 MB, written in a few seconds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def diffusers_unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet2DConditionModel (SD1.x layout) to LDM keys."""
+    n = layers_per_block
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    out = {}
+    for key, value in state.items():
+        new = key
+        for a, b in fixed.items():
+            if key.startswith(a + "."):
+                new = b + key[len(a):]
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"input_blocks.{1 + i * (n + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+        elif m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            new = f"middle_block.{1 if m[1] == 'attentions' else 2 * int(m[2])}.{m[3]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"output_blocks.{i * (n + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+            has_attention = any(k.startswith(f"up_blocks.{m[1]}.attentions.") for k in state)
+            new = f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if has_attention else 1}.conv.{m[2]}"
+        if new.startswith(("input_blocks", "middle_block", "output_blocks")):
+            parts = new.split(".")
+            depth = 2 if new.startswith("middle_block") else 3  # middle_block.i / input_blocks.i.j
+            block, rest = ".".join(parts[:depth]), ".".join(parts[depth:])
+            for a, b in resnet.items():
+                if rest.startswith(a + "."):
+                    new = f"{block}.{b}{rest[len(a):]}"
+        out[new] = value
+    return out
+
+
+def tiny_sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def sd15_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    return CLIPTextModel(config)
+
+
+def sd15_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    )
+
+
+def build_checkpoint(seed: int = 0):
+    """(checkpoint tensors in ComfyUI's SD1.x layout, the diffusers UNet, the text encoder)."""
+    torch.manual_seed(seed)
+    unet, text, vae = tiny_sd15_unet(), sd15_text_encoder(), sd15_vae()
+    sd = {f"model.diffusion_model.{k}": v for k, v in diffusers_unet_to_ldm(unet.state_dict(), 1).items()}
+    for key, value in text.state_dict().items():
+        if "position_ids" not in key:
+            sd[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    return {k: v.to(torch.float16).contiguous() for k, v in sd.items()}, unet, text

@@ -1,0 +1,167 @@
+"""Tiny random SD1.x / SD2.x (v) / SDXL / SD3 diffusers pipelines, built from configs.
+
+Real component classes and real pipeline folders (model_index.json, configs,
+tokenizer files), so the trainer's loading code runs as it does on a real model;
+only the sizes are tiny. The CLIP tokenizer is written from a hand-made byte-level
+vocabulary (every byte alone and as a word end, no merges).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+LATENT_FACTOR = 4  # the tiny VAEs downsample 4x
+
+
+def _byte_chars() -> list[str]:
+    # GPT-2 / CLIP byte -> unicode table (the standard construction)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path, max_length: int = 16) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_chars():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))
+
+
+VOCAB_SIZE = 2 + 2 * 256
+
+
+def _clip(with_projection: bool, hidden: int = 32, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=VOCAB_SIZE, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=hidden)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(folder)
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _vae(seed: int = 0, **kw):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=4, sample_size=64, **kw)
+
+
+def _sd_scheduler(kind: str):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+    if kind == "sd1":
+        return PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+    if kind == "sd2":
+        return DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, **common)
+    return EulerDiscreteScheduler(timestep_spacing="leading", **common)
+
+
+def make_pipeline(family: str, folder: Path, seed: int = 0, layers_per_block: int = 2) -> Path:
+    """Build a tiny pipeline of `family` (sd1, sd2, sdxl, sd3) and save it to `folder`."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    folder = Path(folder)
+    tok = _tokenizer(folder.parent / f".{folder.name}-tokenizer")
+    if family in ("sd1", "sd2"):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32), layers_per_block=layers_per_block, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, use_linear_projection=family == "sd2",
+        )
+        pipe = StableDiffusionPipeline(vae=_vae(seed), text_encoder=_clip(False, seed=seed), tokenizer=tok, unet=unet,
+                                       scheduler=_sd_scheduler(family), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    elif family == "sdxl":
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32, 32), layers_per_block=layers_per_block, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), cross_attention_dim=64,
+            norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+        pipe = StableDiffusionXLPipeline(vae=_vae(seed, force_upcast=False), text_encoder=_clip(False, seed=seed),
+                                         text_encoder_2=_clip(True, seed=seed + 1), tokenizer=tok, tokenizer_2=tok,
+                                         unet=unet, scheduler=_sd_scheduler("sdxl"))
+    elif family == "sd3":
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+            pos_embed_max_size=16,
+        )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_vae(seed, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False),
+            text_encoder=_clip(True, seed=seed), tokenizer=tok, text_encoder_2=_clip(True, seed=seed + 1),
+            tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
+        )
+    else:
+        raise ValueError(family)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def make_image_folder(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64), seed: int = 0,
+                      repeats_dir: str = "") -> Path:
+    """`count` random images with same-name captions (in `repeats_dir`, e.g. `2_things`, if given)."""
+    rng = np.random.default_rng(seed)
+    target = Path(folder) / repeats_dir if repeats_dir else Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = size
+        base = rng.integers(0, 255, size=3)
+        image = (np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255)).astype(np.uint8)
+        Image.fromarray(image).save(target / f"img{i}.png")
+        (target / f"img{i}.txt").write_text(f"pic {i}")
+    return Path(folder)
+
+
+def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
+    """A random 4-block DINOv2 saved like the real one, so the trainer's loader reads it.
+    Patch 28 at the loader's 224 px input: 64 tokens, cheap on the CPU."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                          patch_size=28, image_size=224)
+    Dinov2Model(config).save_pretrained(str(folder))
+    return Path(folder)

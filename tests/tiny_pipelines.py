@@ -165,3 +165,47 @@ def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
                           patch_size=28, image_size=224)
     Dinov2Model(config).save_pretrained(str(folder))
     return Path(folder)
+
+
+def _vae_original_name(name: str, num_up: int) -> str:
+    """diffusers AutoencoderKL name -> the LDM name an SD1 single file uses (the inverse of
+    diffusers' convert_ldm_vae_checkpoint, written out for the test checkpoint only)."""
+    import re
+
+    rules = [
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.", r"\1.mid.attn_1.\2."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_up - 1 - int(m[1])}.upsample."),
+    ]
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+def write_sd1_single_file(pipeline_folder: Path, path: Path) -> Path:
+    """The tiny SD1 pipeline as one original-layout checkpoint (what A1111 / civitai files look like)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from adt_plugin.train.keymap import to_original_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_folder / "unet")
+    vae = AutoencoderKL.from_pretrained(pipeline_folder / "vae")
+    text = CLIPTextModel.from_pretrained(pipeline_folder / "text_encoder")
+    tensors = {"model.diffusion_model." + k: v for k, v in to_original_state_dict("sd1", unet.state_dict(), unet.config).items()}
+    num_up = len(vae.config.up_block_types)
+    for key, value in vae.state_dict().items():
+        if ".mid_block.attentions.0.to_" in key and key.endswith(".weight"):
+            value = value[:, :, None, None]  # the LDM VAE attention uses 1x1 convolutions
+        tensors["first_stage_model." + _vae_original_name(key, num_up)] = value
+    for key, value in text.state_dict().items():  # original checkpoints name the CLIP weights text_model.*
+        tensors["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path

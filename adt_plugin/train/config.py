@@ -286,7 +286,10 @@ def check_layout(raw: Mapping[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown section or key {key!r}{hint}")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {key} must be a section ([{key}]); got {value!r}")
-        coerce_fields(SECTIONS[key], value, f"{source} [{key}]")  # names the bad key and the closest one
+        try:
+            coerce_fields(SECTIONS[key], value, f"{source} [{key}]")  # names the bad key and the closest one
+        except SettingsError as err:
+            raise ConfigError(str(err)) from None
 
 
 def parse_override(text: str | tuple[str, str, Any]) -> tuple[str, str, Any]:
@@ -346,15 +349,16 @@ def build_run_config(raw: Mapping[str, Any], sources: Sequence[str] = ()) -> Run
     where = " + ".join(sources) or "config"
     for name, cls in SECTIONS.items():
         section = raw.get(name, {})
-        if cls is AdtSettings:
-            values[name] = AdtSettings.from_mapping(section, source=f"{where} [adt]")
-        else:
-            try:
+        try:
+            if cls is AdtSettings:
+                values[name] = AdtSettings.from_mapping(section, source=f"{where} [adt]")
+            else:
                 values[name] = cls(**coerce_fields(cls, section, f"{where} [{name}]"))
-            except SettingsError:
-                raise
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"{where} [{name}]: {err}") from err
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:  # SettingsError included: one error type for the caller
+            message = str(err)
+            raise ConfigError(message if f"[{name}]" in message else f"{where} [{name}]: {message}") from None
     return RunConfig(**values, sources=tuple(sources))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -120,7 +121,10 @@ class Trainer:
         min_size = data_cfg.min_image_size or data_cfg.resolution // 2
         self.report = scan_folder(data_cfg.folder, data_cfg.caption_extension, min_size)  # before any model
 
-        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU
+        # machine): accelerate needs cpu=True to set them up as MULTI_CPU (gloo).
+        cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=cpu_processes)
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -543,7 +547,9 @@ class Trainer:
                 if config.sample.every_n_steps and self.step % config.sample.every_n_steps == 0 and self.step < total:
                     self.sample(monitor)
                 every = config.save.every_n_steps
-                if every and self.step % every == 0 and self.step < total:
+                if every and self.step % every == 0 and self.step < total and self.nonfinite_run:
+                    monitor.write(f"step {self.step}: save skipped while steps are not finite (keeping the last good one)")
+                elif every and self.step % every == 0 and self.step < total:
                     path, state = self.save(self.step, config.save.state)
                     result.saved.append(path)
                     result.state = state

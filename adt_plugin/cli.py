@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "adt_plugin.eval.command",
     "train": "adt_plugin.train.command",
     "presets": "adt_plugin.train.presets",
+    "bench": "adt_plugin.train.bench",
 }
 
 

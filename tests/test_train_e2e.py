@@ -20,7 +20,7 @@ from adt_plugin.train.config import load_run_config
 from adt_plugin.train.loop import Trainer, train
 from adt_plugin.train.models import FAMILIES
 
-SAMPLERS = {"sd1": "ddim", "sdxl": "dpmsolver++", "sd3": "flow_euler"}
+SAMPLERS = {"sd1": "ddim", "sd2": "euler", "sdxl": "dpmsolver++", "sd3": "flow_euler"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    models = {f: make_pipeline(f, root / f"model-{f}", layers_per_block=1) for f in ("sd1", "sdxl", "sd3")}
+    models = {f: make_pipeline(f, root / f"model-{f}", layers_per_block=1) for f in ("sd1", "sd2", "sdxl", "sd3")}
     data = make_image_folder(root / "data", count=3, size=(32, 32), repeats_dir="2_things")
     make_image_folder(data, count=2, size=(48, 32), seed=1)  # a second aspect ratio: a second bucket
     (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
@@ -82,7 +82,7 @@ def read_scalars(out):
     return [json.loads(line) for line in (Path(out) / "logs" / "scalars.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3"])  # sd2: the tiny one predicts v
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, strategy):
     out = tmp_path / "out"
@@ -93,6 +93,7 @@ def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, 
     assert any("corrupt.png: cannot be read as an image" in m for m in messages)
     assert any("uncaptioned.png: no caption file (expected uncaptioned.txt)" in m for m in messages)
     assert any(m.endswith("; 2 skipped") for m in messages)
+    assert "2 images were skipped" in messages[-1]  # and again at the end
 
     lora = load_file(out / "tiny.safetensors")
     assert lora and all(k.startswith("lora_unet_") for k in lora)
@@ -105,6 +106,9 @@ def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, 
 
     disc_file = disc_path_for(out / "tiny.safetensors")
     strategy_obj = build_strategy(config.adt, dict(json.loads((assets["models"][family] / "scheduler" / "scheduler_config.json").read_text())))
+    # the strategy's generator warm-up scales the learning rate (ADT: 1/2 at step 0 of a 2-step warm-up)
+    assert scalars[0]["lr/G"] == pytest.approx(1e-3 * strategy_obj.generator_lr_factor(0))
+    assert scalars[0]["lr/G"] == pytest.approx(5e-4 if strategy == "adt" else scalars[0]["lr/G"])
     if hasattr(strategy_obj, "disc"):
         assert disc_file.is_file()
         assert {"loss/D", "D/real", "D/fake", "lr/D", "grad_norm/D"} <= scalars[0].keys()
@@ -287,3 +291,41 @@ def test_two_processes_train_in_step_with_synchronised_discriminators(assets, tm
     disc0, disc1 = ranks[0]["discriminator"], ranks[1]["discriminator"]
     assert all(torch.equal(disc0[k], disc1[k]) for k in disc0)  # ... and the D gradients were averaged
     assert load_file(tmp_path / "out" / "tiny.safetensors")
+
+
+def test_latent_and_text_caches_give_the_same_run_as_no_caches(assets, tmp_path):
+    plain, _ = config_for(assets, tmp_path / "plain", overrides=["train.max_steps=3"])
+    train(plain, echo=lambda m: None)
+    caches = ["train.max_steps=3", "data.cache_latents=true", "data.cache_text=true", f'data.cache_dir="{tmp_path / "cache"}"']
+    first, _ = config_for(assets, tmp_path / "cached", overrides=caches)
+    messages = []
+    train(first, echo=messages.append)
+    assert any(m.startswith("caching latents of 5 images") for m in messages)
+    assert any(m.startswith("caching text conditioning of 3 captions") for m in messages)
+    again, _ = config_for(assets, tmp_path / "cached-again", overrides=caches)
+    messages = []
+    train(again, echo=messages.append)
+    assert not any(m.startswith("caching") for m in messages)  # read back, not recomputed
+    a = load_file(tmp_path / "plain" / "tiny.safetensors")
+    b = load_file(tmp_path / "cached" / "tiny.safetensors")
+    c = load_file(tmp_path / "cached-again" / "tiny.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    # per-image (cache) and per-batch (no cache) encoding differ only in float rounding
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=2e-3)
+
+
+def test_ft_and_adt_runs_of_one_config_start_from_the_same_weights_and_batches(assets, tmp_path):
+    from adt_plugin.train.lora import peft_state
+
+    firsts = []
+    for strategy in ("ft", "adt"):
+        config, _ = config_for(assets, tmp_path / strategy, "sd1", strategy)
+        trainer = Trainer(config, echo=lambda m: None)
+        trainer.setup()
+        torch.manual_seed(123)  # whatever happens to the global generator afterwards
+        batches = trainer.batches()
+        firsts.append((peft_state(trainer.denoiser), [next(batches)[1]["path"] for _ in range(5)]))
+    (weights_ft, paths_ft), (weights_adt, paths_adt) = firsts
+    assert all(torch.equal(weights_ft[k], weights_adt[k]) for k in weights_ft)
+    assert paths_ft == paths_adt

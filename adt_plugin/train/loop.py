@@ -133,6 +133,11 @@ class Trainer:
         if resume_info:
             self._check_resume(resume_info)
 
+        # The same seed in every process and for every strategy: identical LoRA initialisation,
+        # so FT and ADT runs of one config start from the same weights.
+        from accelerate.utils import set_seed
+
+        set_seed(config.train.seed)
         self._setup_model()
         self._setup_data()
         self._setup_strategy()
@@ -565,7 +570,9 @@ class Trainer:
             if config.sample.every_n_steps or config.sample.prompts:
                 self.sample(monitor)
             path, state = self.save(None, config.save.state)
-            monitor.write(f"done: {self.step} steps; saved {path}" + (f" and {state}" if state else ""))
+            skipped = len(self.report.skipped)
+            monitor.write(f"done: {self.step} steps; saved {path}" + (f" and {state}" if state else "")
+                          + (f"; {skipped} images were skipped (listed at the start)" if skipped else ""))
             result.saved.append(path)
             result.state = state or result.state
             result.step, result.skipped_steps = self.step, self.nonfinite_total

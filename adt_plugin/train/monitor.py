@@ -40,7 +40,8 @@ class Monitor:
 
     def write(self, message: str) -> None:
         if self.main:
-            self.bar.write(message)
+            with self.bar.external_write_mode():  # the bar steps aside, then redraws
+                self.echo(message)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.main:

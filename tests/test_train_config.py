@@ -137,3 +137,12 @@ def test_optional_packages_are_checked_before_anything_loads(tmp_path, capsys):
     path = write(tmp_path, f'[model]\npath = "m"\n[data]\nfolder = "{tmp_path / "data"}"\n')
     assert main(["train", "--config", str(path), "train.optimizer=adamw8bit", "--check"]) == 2
     assert "needs bitsandbytes" in capsys.readouterr().err
+
+
+def test_presets_show_prints_the_merged_preset_as_toml(capsys):
+    import toml
+
+    assert main(["presets", "--show", "sdxl-dpmpp30-lora-ft"]) == 0
+    shown = toml.loads(capsys.readouterr().out)
+    assert shown["adt"]["strategy"] == "ft" and shown["adt"]["sampler"] == "dpmsolver++"
+    assert shown["train"]["method"] == "lora" and shown["data"]["resolution"] == 1024

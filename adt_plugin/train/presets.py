@@ -64,12 +64,12 @@ def describe(path: Path) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--show", metavar="NAME", help="print one preset with everything it extends, merged")
+    parser.add_argument("--show", metavar="NAME", help="print one preset as TOML, merged with what it extends and the defaults")
 
 
 def run(args) -> int:
     if args.show:
-        import json
+        import toml
 
         from .config import build_run_config, merge
 
@@ -77,7 +77,8 @@ def run(args) -> int:
         for _, raw in preset_layers(args.show):
             merged = merge(merged, raw)
         config = build_run_config(merged, (f"preset {args.show}",))
-        print(json.dumps(config.to_dict(), indent=2))
+        print(f"# preset {args.show}, merged with what it extends and the defaults")
+        print(toml.dumps(config.to_dict()))
         return 0
     known = available()
     if not known:

@@ -172,8 +172,10 @@ class Rollout:
             # Guidance as two checkpointed halves, not one batch of 2B: backward then
             # recomputes one batch-B forward at a time, so a graph step's peak is that
             # of one fine-tuning step rather than twice it.
-            out_uncond = checkpoint(lambda inp: guided_denoise(model, inp, t, uncond, None, 1.0)[0], model_input, use_reentrant=False)
-            out_cond = checkpoint(lambda inp: guided_denoise(model, inp, t, cond, None, 1.0)[0], model_input, use_reentrant=False)
+            def half(c):
+                return checkpoint(lambda inp: guided_denoise(model, inp, t, c, None, 1.0)[0], model_input, use_reentrant=False)
+
+            out_uncond, out_cond = half(uncond), half(cond)
             return out_uncond + guidance * (out_cond - out_uncond), out_cond
         return guided_denoise(model, model_input, t, cond, uncond, guidance)
 

@@ -9,7 +9,21 @@ from adt_plugin.cli import main
 
 
 def test_bench_prints_ratios_and_finds_no_graph_on_discriminator_only_iterations(capsys):
-    args = ["bench", "--threads", "1", "--steps", "4", "--cycles", "1", "--ft_steps", "1", "--g_every", "2", "--batch", "2"]
+    args = [
+        "bench",
+        "--threads",
+        "1",
+        "--steps",
+        "4",
+        "--cycles",
+        "1",
+        "--ft_steps",
+        "1",
+        "--g_every",
+        "2",
+        "--batch",
+        "2",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "the SD1.5 (512 px) and SDXL (1024 px) numbers need a GPU and were not measured" in out

@@ -25,7 +25,9 @@ folder = "data"
 
 def test_unknown_key_names_the_closest_valid_key(tmp_path):
     path = write(tmp_path, BASE + "[train]\nlearnig_rate = 1e-4\n")
-    with pytest.raises(ConfigError, match=r"run.toml \[train\]: unknown key 'learnig_rate'; did you mean 'learning_rate'\?"):
+    with pytest.raises(
+        ConfigError, match=r"run.toml \[train\]: unknown key 'learnig_rate'; did you mean 'learning_rate'\?"
+    ):
         load_run_config(path)
 
 
@@ -56,7 +58,9 @@ def test_bad_toml_and_missing_required_keys(tmp_path):
 
 def test_layers_preset_then_file_then_overrides(tmp_path):
     path = write(tmp_path, BASE + "[train]\nlearning_rate = 2e-6\n")
-    config = load_run_config(path, "sd15-ddim50-ft", ["train.max_steps=7", "adt.guidance_scale=3", ("adt", "strategy", "adt")])
+    config = load_run_config(
+        path, "sd15-ddim50-ft", ["train.max_steps=7", "adt.guidance_scale=3", ("adt", "strategy", "adt")]
+    )
     assert config.adt.strategy == "adt"  # the flag-style override beats the ft preset
     assert config.train.learning_rate == 2e-6  # file beats preset
     assert config.train.max_steps == 7 and config.adt.guidance_scale == 3.0
@@ -87,8 +91,11 @@ def test_every_preset_is_a_valid_config_with_the_papers_settings():
         assert a.d_lr == (5e-6 if family == "sd15" else 1e-6), name
         assert a.guidance_scale == {"sd15": 7.0, "sdxl": 5.0, "sd3": 7.0}[family], name
         sampler = name.split("-")[1]
-        assert (a.sampler, a.num_inference_steps) == {"ddim50": ("ddim", 50), "dpmpp30": ("dpmsolver++", 30),
-                                                      "flow28": ("flow_euler", 28)}[sampler], name
+        assert (a.sampler, a.num_inference_steps) == {
+            "ddim50": ("ddim", 50),
+            "dpmpp30": ("dpmsolver++", 30),
+            "flow28": ("flow_euler", 28),
+        }[sampler], name
         if "-lora-" in name:
             assert config.train.method == "lora" and config.data.cache_latents
         else:

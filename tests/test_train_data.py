@@ -8,7 +8,15 @@ from PIL import Image
 from tiny_pipelines import make_image_folder
 
 from adt_plugin.cli import main
-from adt_plugin.train.data import BatchOrder, DataError, TrainImages, make_buckets, nearest_bucket, prepare_image, scan_folder
+from adt_plugin.train.data import (
+    BatchOrder,
+    DataError,
+    TrainImages,
+    make_buckets,
+    nearest_bucket,
+    prepare_image,
+    scan_folder,
+)
 
 
 def test_scan_reports_and_skips_bad_files_with_reasons(tmp_path):
@@ -54,12 +62,20 @@ def test_empty_dataset_is_an_error_before_any_model_is_loaded(tmp_path, capsys):
     assert "no usable training images" in err and "no-model" not in err  # the model path was never looked at
 
 
-def test_check_mode_validates_without_loading(tmp_path, capsys):
+def test_check_mode_validates_without_loading_weights(tmp_path, capsys):
     make_image_folder(tmp_path / "data", count=2)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')  # no weights at all
     config = tmp_path / "run.toml"
-    config.write_text(f'[model]\npath = "missing"\n[data]\nfolder = "{tmp_path / "data"}"\nresolution = 64\n')
-    assert main(["train", "--config", str(config), "--check"]) == 0
-    assert "config OK" in capsys.readouterr().out
+    config.write_text(f'[model]\npath = "{model}"\n[data]\nfolder = "{tmp_path / "data"}"\nresolution = 64\n')
+    assert main(["train", "--config", str(config), "--check", "adt.sampler=flow_euler"]) == 0
+    out = capsys.readouterr().out
+    assert "config OK" in out and "(sd3)" in out
+    assert main(["train", "--config", str(config), "--check"]) == 2  # DDIM does not fit SD3
+    assert "[adt] sampler = 'ddim' does not fit a sd3 model; use one of flow_euler" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--check", "model.path=nowhere"]) == 2
+    assert "model path nowhere does not exist" in capsys.readouterr().err
 
 
 def test_buckets_cover_aspect_ratios_within_the_area():

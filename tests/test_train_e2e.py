@@ -11,24 +11,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_pipelines import make_image_folder, make_pipeline, save_tiny_dinov2, write_sd1_single_file
+from tiny_pipelines import make_image_folder, make_pipeline, one_thread, save_tiny_dinov2, write_sd1_single_file  # noqa: F401 (one_thread: an autouse fixture)
 
 from adt_plugin.checkpoint import disc_path_for, load_discriminator
 from adt_plugin.cli import main
 from adt_plugin.strategies import STRATEGIES, build_strategy
 from adt_plugin.train.config import load_run_config
 from adt_plugin.train.loop import Trainer, train
-from adt_plugin.train.models import FAMILIES
 
 SAMPLERS = {"sd1": "ddim", "sd2": "euler", "sdxl": "dpmsolver++", "sd3": "flow_euler"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared CI machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +37,9 @@ def assets(tmp_path_factory):
 def config_for(assets, out, family="sd1", strategy="adt", overrides=()):
     text = f"""
 [model]
-path = "{assets['models'][family]}"
+path = "{assets["models"][family]}"
 [data]
-folder = "{assets['data']}"
+folder = "{assets["data"]}"
 resolution = 32
 bucket_step = 8
 [train]
@@ -65,7 +56,7 @@ strategy = "{strategy}"
 sampler = "{SAMPLERS[family]}"
 num_inference_steps = 4
 guidance_scale = 2.0
-backbone_path = "{assets['dinov2']}"
+backbone_path = "{assets["dinov2"]}"
 taps = [1, 3]
 head_channels = 8
 g_every = 2
@@ -105,7 +96,9 @@ def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, 
     assert {"loss/diff", "lr/G", "time/step_s", "memory/peak_gb"} <= scalars[-1].keys()
 
     disc_file = disc_path_for(out / "tiny.safetensors")
-    strategy_obj = build_strategy(config.adt, dict(json.loads((assets["models"][family] / "scheduler" / "scheduler_config.json").read_text())))
+    strategy_obj = build_strategy(
+        config.adt, dict(json.loads((assets["models"][family] / "scheduler" / "scheduler_config.json").read_text()))
+    )
     # the strategy's generator warm-up scales the learning rate (ADT: 1/2 at step 0 of a 2-step warm-up)
     assert scalars[0]["lr/G"] == pytest.approx(1e-3 * strategy_obj.generator_lr_factor(0))
     assert scalars[0]["lr/G"] == pytest.approx(5e-4 if strategy == "adt" else scalars[0]["lr/G"])
@@ -129,8 +122,15 @@ def test_trained_lora_loads_in_the_diffusers_pipeline_and_changes_its_output(ass
     pipe = DiffusionPipeline.from_pretrained(str(assets["models"][family]), local_files_only=True)
 
     def image():
-        return pipe("pic 1", num_inference_steps=2, guidance_scale=2.0, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "pic 1",
+            num_inference_steps=2,
+            guidance_scale=2.0,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = image()
     pipe.load_lora_weights(str(out / "tiny.safetensors"))
@@ -193,8 +193,13 @@ def test_ctrl_c_saves_a_resumable_state_and_the_model(assets, tmp_path, monkeypa
 
 
 def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_good_save(assets, tmp_path, monkeypatch):
-    config, _ = config_for(assets, tmp_path / "out", "sd1", "ft",
-                           ["train.max_steps=10", "save.every_n_steps=2", "train.max_nonfinite_steps=3"])
+    config, _ = config_for(
+        assets,
+        tmp_path / "out",
+        "sd1",
+        "ft",
+        ["train.max_steps=10", "save.every_n_steps=2", "train.max_nonfinite_steps=3"],
+    )
     original = Trainer.iteration
 
     def iteration(self, batch):
@@ -219,15 +224,25 @@ def test_keep_last_n_prunes_models_discriminators_and_states_together(assets, tm
     train(config, echo=lambda m: None)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [
-        "logs", "tiny-step00000002-state", "tiny-step00000002.adt_disc.safetensors", "tiny-step00000002.safetensors",
-        "tiny-step00000003-state", "tiny-step00000003.adt_disc.safetensors", "tiny-step00000003.safetensors",
-        "tiny-step00000004-state", "tiny.adt_disc.safetensors", "tiny.safetensors",
+        "logs",
+        "tiny-step00000002-state",
+        "tiny-step00000002.adt_disc.safetensors",
+        "tiny-step00000002.safetensors",
+        "tiny-step00000003-state",
+        "tiny-step00000003.adt_disc.safetensors",
+        "tiny-step00000003.safetensors",
+        "tiny-step00000004-state",
+        "tiny.adt_disc.safetensors",
+        "tiny.safetensors",
     ]
 
 
 def test_sample_grids_use_the_rollout_sampler_and_go_to_png_and_tensorboard(assets, tmp_path):
-    config, _ = config_for(assets, tmp_path / "out", overrides=[
-        "sample.every_n_steps=2", 'sample.prompts=["pic 0", "pic 1", "pic 2"]', "save.state=false"])
+    config, _ = config_for(
+        assets,
+        tmp_path / "out",
+        overrides=["sample.every_n_steps=2", 'sample.prompts=["pic 0", "pic 1", "pic 2"]', "save.state=false"],
+    )
     train(config, echo=lambda m: None)
     samples = sorted((tmp_path / "out" / "samples").iterdir())
     assert [p.name for p in samples] == ["tiny-step00000000.png", "tiny-step00000002.png", "tiny-step00000004.png"]
@@ -240,13 +255,22 @@ def test_full_finetune_from_a_single_file_saves_a_complete_single_file_and_a_dif
     from diffusers import StableDiffusionPipeline
 
     single = write_sd1_single_file(assets["models"]["sd1"], tmp_path / "base.safetensors")
-    common = [f'model.path="{single}"', "train.method=full", "train.max_steps=2", "save.precision=fp32", "train.learning_rate=1e-4"]
-    config, _ = config_for(assets, tmp_path / "out", "sd1", "ft", [*common, f'model.config_dir="{assets["models"]["sd1"]}"'])
+    common = [
+        f'model.path="{single}"',
+        "train.method=full",
+        "train.max_steps=2",
+        "save.precision=fp32",
+        "train.learning_rate=1e-4",
+    ]
+    config, _ = config_for(
+        assets, tmp_path / "out", "sd1", "ft", [*common, f'model.config_dir="{assets["models"]["sd1"]}"']
+    )
     trainer = Trainer(config, echo=lambda m: None)
     trainer.run()
     trained = {k: v.clone() for k, v in trainer.denoiser.state_dict().items()}
-    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "out" / "tiny.safetensors"),
-                                                    config=str(assets["models"]["sd1"]), local_files_only=True)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "out" / "tiny.safetensors"), config=str(assets["models"]["sd1"]), local_files_only=True
+    )
     assert all(torch.equal(pipe.unet.state_dict()[k], trained[k]) for k in trained)
     base = StableDiffusionPipeline.from_pretrained(str(assets["models"]["sd1"]), local_files_only=True)
     assert any(not torch.equal(base.unet.state_dict()[k], trained[k]) for k in trained)
@@ -279,9 +303,24 @@ def test_two_processes_train_in_step_with_synchronised_discriminators(assets, tm
     _, toml = config_for(assets, tmp_path / "out", "sd1", "adt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # What users type on a GPU machine; without CUDA it starts two gloo (CPU) processes through torchrun.
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "adt_plugin.cli", "train", "--config", str(toml)]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "adt_plugin.cli",
+        "train",
+        "--config",
+        str(toml),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     state = tmp_path / "out" / "tiny-step00000004-state"
@@ -296,7 +335,12 @@ def test_two_processes_train_in_step_with_synchronised_discriminators(assets, tm
 def test_latent_and_text_caches_give_the_same_run_as_no_caches(assets, tmp_path):
     plain, _ = config_for(assets, tmp_path / "plain", overrides=["train.max_steps=3"])
     train(plain, echo=lambda m: None)
-    caches = ["train.max_steps=3", "data.cache_latents=true", "data.cache_text=true", f'data.cache_dir="{tmp_path / "cache"}"']
+    caches = [
+        "train.max_steps=3",
+        "data.cache_latents=true",
+        "data.cache_text=true",
+        f'data.cache_dir="{tmp_path / "cache"}"',
+    ]
     first, _ = config_for(assets, tmp_path / "cached", overrides=caches)
     messages = []
     train(first, echo=messages.append)

@@ -4,20 +4,12 @@ diffusers' single-file converters and kohya LoRA loader, and a stand-in of Comfy
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_pipelines import make_pipeline
+from tiny_pipelines import make_pipeline, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from adt_plugin.train.config import LoraConfig
 from adt_plugin.train.keymap import to_original_state_dict
 from adt_plugin.train.lora import LoraSetupError, add_lora, lora_metadata, save_lora
 from adt_plugin.train.models import FAMILIES
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared CI machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +28,9 @@ def denoiser_of(family, folder):
 
 def inputs(family, denoiser):
     gen = torch.Generator().manual_seed(0)
-    cond = {"encoder_hidden_states": torch.randn(1, 16, denoiser.config.get("cross_attention_dim") or 64, generator=gen)}
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 16, denoiser.config.get("cross_attention_dim") or 64, generator=gen)
+    }
     if family == "sdxl":
         cond.update(text_embeds=torch.randn(1, 32, generator=gen), time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]]))
     if family == "sd3":
@@ -61,9 +55,15 @@ def test_original_names_match_diffusers_single_file_converter(family, pipelines,
     gen = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=gen) for k, v in denoiser.state_dict().items()}
     original = to_original_state_dict(family, state, denoiser.config)
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in original.items()}, tmp_path / "orig.safetensors")
-    back = type(denoiser).from_single_file(str(tmp_path / "orig.safetensors"), config=str(pipelines[family]),
-                                           subfolder=FAMILIES[family].denoiser_attr, local_files_only=True)
+    save_file(
+        {"model.diffusion_model." + k: v.contiguous() for k, v in original.items()}, tmp_path / "orig.safetensors"
+    )
+    back = type(denoiser).from_single_file(
+        str(tmp_path / "orig.safetensors"),
+        config=str(pipelines[family]),
+        subfolder=FAMILIES[family].denoiser_attr,
+        local_files_only=True,
+    )
     loaded = back.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
@@ -75,12 +75,19 @@ def test_kohya_lora_loads_in_diffusers_and_gives_the_trained_output(family, pipe
 
     fam = FAMILIES[family]
     denoiser, config = trained_lora(family, pipelines[family])
-    path = save_lora(tmp_path / "lora.safetensors", fam, denoiser, config, lora_metadata(fam, config, "epsilon"), torch.float32)
+    path = save_lora(
+        tmp_path / "lora.safetensors", fam, denoiser, config, lora_metadata(fam, config, "epsilon"), torch.float32
+    )
     keys = load_file(path).keys()
-    prefix = {"sd1": "lora_unet_down_blocks_0_attentions_0_", "sd2": "lora_unet_down_blocks_0_attentions_0_",
-              "sdxl": "lora_unet_input_blocks_4_1_"}[family]  # sd-scripts' names for the first attention block
+    prefix = {
+        "sd1": "lora_unet_down_blocks_0_attentions_0_",
+        "sd2": "lora_unet_down_blocks_0_attentions_0_",
+        "sdxl": "lora_unet_input_blocks_4_1_",
+    }[family]  # sd-scripts' names for the first attention block
     assert any(k.startswith(prefix) and k.endswith(".lora_down.weight") for k in keys)
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert all(
+        k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys
+    )
 
     x, t, cond = inputs(family, denoiser)
     with torch.no_grad():
@@ -114,7 +121,9 @@ def test_kohya_lora_patched_like_comfyui_gives_the_trained_output(family, pipeli
     fam = FAMILIES[family]
     targets = (*fam.lora_targets, "norm1.linear", "norm1_context.linear") if family == "sd3" else ()
     denoiser, config = trained_lora(family, pipelines[family], targets)
-    path = save_lora(tmp_path / "lora.safetensors", fam, denoiser, config, lora_metadata(fam, config, "epsilon"), torch.float32)
+    path = save_lora(
+        tmp_path / "lora.safetensors", fam, denoiser, config, lora_metadata(fam, config, "epsilon"), torch.float32
+    )
     lora = load_file(path)
     if family == "sd3":  # q, k, v fused as sd-scripts writes them: rank 3r, alpha x 3
         assert lora["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 12
@@ -126,9 +135,15 @@ def test_kohya_lora_patched_like_comfyui_gives_the_trained_output(family, pipeli
     base = denoiser_of(family, pipelines[family])
     original = to_original_state_dict(family, base.state_dict(), base.config)
     patched = apply_kohya_comfyui_style(original, lora)
-    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in patched.items()}, tmp_path / "patched.safetensors")
-    merged = type(base).from_single_file(str(tmp_path / "patched.safetensors"), config=str(pipelines[family]),
-                                         subfolder=fam.denoiser_attr, local_files_only=True)
+    save_file(
+        {"model.diffusion_model." + k: v.contiguous() for k, v in patched.items()}, tmp_path / "patched.safetensors"
+    )
+    merged = type(base).from_single_file(
+        str(tmp_path / "patched.safetensors"),
+        config=str(pipelines[family]),
+        subfolder=fam.denoiser_attr,
+        local_files_only=True,
+    )
     with torch.no_grad():
         got = fam.denoise(merged, x, t, cond)
         before = fam.denoise(base, x, t, cond)

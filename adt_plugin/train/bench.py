@@ -38,9 +38,18 @@ import torch
 
 HELP = "measure FT vs ADT iteration cost and memory on random weights (tiny on CPU, SD1.5 / SDXL on a GPU)"
 
-SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "set_alpha_to_one": False,
-                "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False}
+SD_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+}
 
 
 @dataclass(frozen=True)
@@ -55,27 +64,57 @@ class BenchModel:
 
 
 TINY = BenchModel(
-    "tiny", 64,
-    unet=dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4,
-              norm_num_groups=8, sample_size=16),
-    vae=dict(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8, latent_channels=4),
+    "tiny",
+    64,
+    unet=dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ),
+    vae=dict(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+    ),
     dinov2=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, patch_size=28),
     text_tokens=16,
 )
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
 DINOV2_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14)
 SD15 = BenchModel("sd15", 512, unet=dict(cross_attention_dim=768, sample_size=64), vae=SD_VAE, dinov2=DINOV2_S)
 SDXL = BenchModel(
-    "sdxl", 1024,
-    unet=dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-              attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-              addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-              sample_size=128),
-    vae=SD_VAE, dinov2=DINOV2_S, sdxl=True,
+    "sdxl",
+    1024,
+    unet=dict(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        sample_size=128,
+    ),
+    vae=SD_VAE,
+    dinov2=DINOV2_S,
+    sdxl=True,
 )
 MODELS = {m.name: m for m in (TINY, SD15, SDXL)}
 
@@ -123,25 +162,38 @@ class BenchAdapter:
         self.autocast_dtype = autocast_dtype
 
     def autocast(self, device):
-        return torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else torch.autocast(device.type, enabled=False)
+        return (
+            torch.autocast(device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else torch.autocast(device.type, enabled=False)
+        )
 
     def denoise(self, sample, timestep, cond):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if self.model.sdxl else None
         with self.saved.watch(), self.autocast(sample.device):
-            out = self.unet(sample, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
-                            added_cond_kwargs=added, return_dict=False)[0]
+            out = self.unet(
+                sample,
+                timestep,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
         return out.to(sample.dtype)
 
     def uncond(self, cond):
         batch = cond["encoder_hidden_states"].shape[0]
-        return {k: self.empty[k].expand(batch, *self.empty[k].shape[1:]) if k in self.empty else v for k, v in cond.items()}
+        return {
+            k: self.empty[k].expand(batch, *self.empty[k].shape[1:]) if k in self.empty else v for k, v in cond.items()
+        }
 
     def decode(self, latents):
         with self.saved.watch(), self.autocast(latents.device):
             return self.decoder(latents).float()
 
 
-def build(model: BenchModel, device, batch: int, method: str, autocast_dtype, seed: int = 0, checkpointing: bool = True):
+def build(
+    model: BenchModel, device, batch: int, method: str, autocast_dtype, seed: int = 0, checkpointing: bool = True
+):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
 
@@ -151,8 +203,11 @@ def build(model: BenchModel, device, batch: int, method: str, autocast_dtype, se
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**model.unet).to(device)
     vae = AutoencoderKL(**model.vae).to(device)
-    backbone = Dinov2Backbone(Dinov2Model(Dinov2Config(image_size=224, **model.dinov2)), taps=(2, 5, 8, 11)
-                              if model.dinov2["num_hidden_layers"] >= 12 else (1, 3), identity=f"random-{model.name}")
+    backbone = Dinov2Backbone(
+        Dinov2Model(Dinov2Config(image_size=224, **model.dinov2)),
+        taps=(2, 5, 8, 11) if model.dinov2["num_hidden_layers"] >= 12 else (1, 3),
+        identity=f"random-{model.name}",
+    )
     if method == "lora":
         from .config import LoraConfig
         from .lora import add_lora
@@ -165,11 +220,18 @@ def build(model: BenchModel, device, batch: int, method: str, autocast_dtype, se
     side = model.resolution // factor
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(batch, 4, side, side, generator=gen).to(device)
-    cond = {"encoder_hidden_states": torch.randn(batch, model.text_tokens, unet.config.cross_attention_dim, generator=gen).to(device)}
+    cond = {
+        "encoder_hidden_states": torch.randn(
+            batch, model.text_tokens, unet.config.cross_attention_dim, generator=gen
+        ).to(device)
+    }
     if model.sdxl:
         cond["text_embeds"] = torch.randn(batch, 1280, generator=gen).to(device)
-        cond["time_ids"] = torch.tensor([[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]] * batch,
-                                        dtype=torch.float32, device=device)
+        cond["time_ids"] = torch.tensor(
+            [[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]] * batch,
+            dtype=torch.float32,
+            device=device,
+        )
     decoder = LatentDecoder(vae, gradient_checkpointing=checkpointing)  # the VAE's own, as adt train sets it
     adapter = BenchAdapter(unet, decoder, model, cond, autocast_dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -181,9 +243,18 @@ def strategies(args, backbone, device):
     from ..strategies import build_strategy
 
     taps = backbone.taps
-    adt = AdtSettings(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      k_graph_steps=args.k, g_every=args.g_every, gradient_checkpointing=not args.no_checkpointing,
-                      taps=taps, g_warmup_steps=0, d_warmup_steps=0, seed=args.seed)
+    adt = AdtSettings(
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        k_graph_steps=args.k,
+        g_every=args.g_every,
+        gradient_checkpointing=not args.no_checkpointing,
+        taps=taps,
+        g_warmup_steps=0,
+        d_warmup_steps=0,
+        seed=args.seed,
+    )
     ft = build_strategy(adt.replace(strategy="ft"), SD_SCHEDULER, device=device)
     return ft, build_strategy(adt, SD_SCHEDULER, backbone=backbone, device=device)
 
@@ -217,8 +288,9 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
     from ..strategies import TrainBatch
 
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    adapter, backbone, optimizer, params, x0, cond = build(model, device, args.batch, args.method, autocast_dtype, args.seed,
-                                                           not args.no_checkpointing)
+    adapter, backbone, optimizer, params, x0, cond = build(
+        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing
+    )
     ft, adt = strategies(args, backbone, device)
     warm_optimizer(optimizer, params)
     batch = (x0, cond)
@@ -263,9 +335,13 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
     cycle = cycles_time / args.cycles
     ideal_cycle = forwards * args.g_every * nograd + ft_backward
     return {
-        "ft_step_s": ft_step, "ft_backward_s": ft_backward, "nograd_forward_s": nograd,
-        "adt_iteration_s": cycles_time / iterations, "forwards_per_iteration": forwards,
-        "overhead_ratio": cycle / ideal_cycle, "d_only_saved_tensors": d_only_saved,
+        "ft_step_s": ft_step,
+        "ft_backward_s": ft_backward,
+        "nograd_forward_s": nograd,
+        "adt_iteration_s": cycles_time / iterations,
+        "forwards_per_iteration": forwards,
+        "overhead_ratio": cycle / ideal_cycle,
+        "d_only_saved_tensors": d_only_saved,
     }
 
 
@@ -273,8 +349,9 @@ def memory_phase(args, model: BenchModel, device, phase: str) -> float:
     """Peak memory (bytes) of one FT step or one ADT generator iteration, above the
     memory held before it (models, optimizer state, inputs)."""
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    adapter, backbone, optimizer, params, x0, cond = build(model, device, args.batch, args.method, autocast_dtype, args.seed,
-                                                           not args.no_checkpointing)
+    adapter, backbone, optimizer, params, x0, cond = build(
+        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing
+    )
     ft, adt = strategies(args, backbone, device)
     warm_optimizer(optimizer, params)
     strategy = ft if phase == "ft" else adt
@@ -324,8 +401,9 @@ def memory_in_fresh_process(args, phase: str) -> Optional[float]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", choices=["auto", *MODELS], default="auto",
-                        help="auto: sd15 and sdxl on a GPU, tiny on the CPU")
+    parser.add_argument(
+        "--model", choices=["auto", *MODELS], default="auto", help="auto: sd15 and sdxl on a GPU, tiny on the CPU"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--method", choices=["full", "lora"], default=None, help="default: full (sdxl on a GPU: lora)")
     parser.add_argument("--batch", type=int, default=None, help="default: 2 (tiny: 4)")
@@ -339,12 +417,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no_checkpointing", action="store_true", help="keep the graph steps' activations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--_memory_phase", choices=["ft", "adt"], help=argparse.SUPPRESS)  # internal: one phase per process
+    parser.add_argument(
+        "--_memory_phase", choices=["ft", "adt"], help=argparse.SUPPRESS
+    )  # internal: one phase per process
 
 
 def run(args) -> int:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     names = (["sd15", "sdxl"] if device.type == "cuda" else ["tiny"]) if args.model == "auto" else [args.model]
@@ -354,15 +437,37 @@ def run(args) -> int:
         print(json.dumps({"bytes": memory_phase(args, model, device, args._memory_phase)}))
         return 0
     if device.type != "cuda":
-        print("no CUDA device: measuring the tiny model on the CPU; the SD1.5 (512 px) and SDXL (1024 px) numbers "
-              "need a GPU and were not measured")
+        print(
+            "no CUDA device: measuring the tiny model on the CPU; the SD1.5 (512 px) and SDXL (1024 px) numbers "
+            "need a GPU and were not measured"
+        )
     for name in names:
         model = MODELS[name]
         _defaults(args, model, device)
-        args.forward_args = ["--model", name, "--device", device.type, "--method", args.method, "--batch", str(args.batch),
-                             "--sampler", args.sampler, "--steps", str(args.steps), "--guidance", str(args.guidance),
-                             "--k", str(args.k), "--g_every", str(args.g_every), "--seed", str(args.seed),
-                             "--threads", str(args.threads)] + (["--no_checkpointing"] if args.no_checkpointing else [])
+        args.forward_args = [
+            "--model",
+            name,
+            "--device",
+            device.type,
+            "--method",
+            args.method,
+            "--batch",
+            str(args.batch),
+            "--sampler",
+            args.sampler,
+            "--steps",
+            str(args.steps),
+            "--guidance",
+            str(args.guidance),
+            "--k",
+            str(args.k),
+            "--g_every",
+            str(args.g_every),
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+        ] + (["--no_checkpointing"] if args.no_checkpointing else [])
         r = time_phases(args, model, device)
         if device.type == "cuda":
             ft_mem, adt_mem = memory_phase(args, model, device, "ft"), memory_phase(args, model, device, "adt")
@@ -383,15 +488,23 @@ def _defaults(args, model: BenchModel, device) -> None:
 def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
     mib = 2**20
     ckpt = "off" if args.no_checkpointing else "on"
-    print(f"\n{name} ({model.resolution} px, batch {args.batch}, {args.method}) on {device.type}; "
-          f"{args.sampler} {args.steps} steps, CFG {args.guidance}, K {args.k}, H {args.g_every}, "
-          f"graph-step checkpointing {ckpt}")
+    print(
+        f"\n{name} ({model.resolution} px, batch {args.batch}, {args.method}) on {device.type}; "
+        f"{args.sampler} {args.steps} steps, CFG {args.guidance}, K {args.k}, H {args.g_every}, "
+        f"graph-step checkpointing {ckpt}"
+    )
     print(f"  FT step                          {r['ft_step_s'] * 1000:9.1f} ms")
     print(f"  ADT iteration (H-cycle average)  {r['adt_iteration_s'] * 1000:9.1f} ms")
-    print(f"  denoiser forwards per iteration  {r['forwards_per_iteration']:9.2f}   (one no-grad forward: "
-          f"{r['nograd_forward_s'] * 1000:.1f} ms; FT backward + step: {r['ft_backward_s'] * 1000:.1f} ms)")
+    print(
+        f"  denoiser forwards per iteration  {r['forwards_per_iteration']:9.2f}   (one no-grad forward: "
+        f"{r['nograd_forward_s'] * 1000:.1f} ms; FT backward + step: {r['ft_backward_s'] * 1000:.1f} ms)"
+    )
     print(f"  overhead ratio                   {r['overhead_ratio']:9.3f}   (goal <= 1.15)")
     if ft_mem and adt_mem:
         kind = "allocated" if device.type == "cuda" else "peak RSS above baseline, fresh process"
-        print(f"  peak memory ADT / FT             {adt_mem / ft_mem:9.3f}   ({adt_mem / mib:.1f} / {ft_mem / mib:.1f} MiB, {kind}; goal <= 1.5)")
-    print(f"  D-only iterations: tensors saved for backward in denoiser + decoder: {r['d_only_saved_tensors']} (goal 0)")
+        print(
+            f"  peak memory ADT / FT             {adt_mem / ft_mem:9.3f}   ({adt_mem / mib:.1f} / {ft_mem / mib:.1f} MiB, {kind}; goal <= 1.5)"
+        )
+    print(
+        f"  D-only iterations: tensors saved for backward in denoiser + decoder: {r['d_only_saved_tensors']} (goal 0)"
+    )

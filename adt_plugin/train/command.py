@@ -21,16 +21,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", help="a preset name (`adt presets`) or TOML file; the config's values win")
     parser.add_argument("--strategy", help="loss strategy: ft, adt, ... (adt.strategy)")
     parser.add_argument("--resume", metavar="DIR", help="a NAME-stepNNNNNNNN-state folder to continue from")
-    parser.add_argument("--save_every_n_steps", type=int, metavar="N", help="save model, discriminator and state every N steps")
-    parser.add_argument("--keep_last_n", type=int, metavar="N", help="keep only the newest N step saves (save.keep_last)")
+    parser.add_argument(
+        "--save_every_n_steps", type=int, metavar="N", help="save model, discriminator and state every N steps"
+    )
+    parser.add_argument(
+        "--keep_last_n", type=int, metavar="N", help="keep only the newest N step saves (save.keep_last)"
+    )
     parser.add_argument("--max_steps", type=int, metavar="N", help="train.max_steps")
     parser.add_argument("--output_dir", help="train.output_dir")
     parser.add_argument("--check", action="store_true", help="validate the config and scan the data, then stop")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.learning_rate=1e-5 adt.g_every=5")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. train.learning_rate=1e-5 adt.g_every=5"
+    )
 
 
-FLAGS = (("strategy", "adt", "strategy"), ("save_every_n_steps", "save", "every_n_steps"),
-         ("keep_last_n", "save", "keep_last"), ("max_steps", "train", "max_steps"), ("output_dir", "train", "output_dir"))
+FLAGS = (
+    ("strategy", "adt", "strategy"),
+    ("save_every_n_steps", "save", "every_n_steps"),
+    ("keep_last_n", "save", "keep_last"),
+    ("max_steps", "train", "max_steps"),
+    ("output_dir", "train", "output_dir"),
+)
 
 
 def _flag_overrides(args) -> list[tuple[str, str, object]]:
@@ -48,16 +59,20 @@ def run(args) -> int:
 
     try:
         config = load_run_config(args.config, args.preset, [*_flag_overrides(args), *args.overrides])
-        if args.check:
-            from .loop import check_environment
+        if args.check:  # everything that needs no weights: config, packages, images, the model's family
+            from .loading import detect_family
+            from .loop import check_environment, check_sampler_fits
 
             check_environment(config)
-            data = config.data
-            report = scan_folder(data.folder, data.caption_extension, data.min_image_size or data.resolution // 2)
+            report = scan_folder(config.data.folder, config.data.caption_extension, config.data.min_size)
             for line in report.lines():
                 print(line)
-            print(f"config OK: {config.model.path} ({config.model.family}), {config.train.method}, "
-                  f"strategy {config.adt.strategy}, {config.train.max_steps} steps; sources: {', '.join(config.sources)}")
+            family = detect_family(config.model)
+            check_sampler_fits(config, family)
+            print(
+                f"config OK: {config.model.path} ({family}), {config.train.method}, strategy {config.adt.strategy}, "
+                f"{config.train.max_steps} steps; sources: {', '.join(config.sources)}"
+            )
             return 0
         from .loop import train
 

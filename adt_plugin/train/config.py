@@ -93,6 +93,11 @@ class DataConfig:
     cache_dir: str = ""  # default: <output_dir>/cache
     workers: int = 0  # DataLoader worker processes
 
+    @property
+    def min_size(self) -> int:
+        """The shorter side below which an image is skipped."""
+        return self.min_image_size or self.resolution // 2
+
     def __post_init__(self):
         _at_least("data", "resolution", self.resolution, 32)
         _at_least("data", "bucket_step", self.bucket_step, 8)
@@ -188,7 +193,7 @@ class SampleConfig:
     def __post_init__(self):
         _at_least("sample", "every_n_steps", self.every_n_steps, 0)
         if self.every_n_steps and not self.prompts:
-            raise ConfigError("[sample] every_n_steps is set but prompts is empty; add prompts = [\"...\"]")
+            raise ConfigError('[sample] every_n_steps is set but prompts is empty; add prompts = ["..."]')
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,10 @@ class RunConfig:
         def plain(v):
             return list(v) if isinstance(v, tuple) else v
 
-        return {name: {f.name: plain(getattr(getattr(self, name), f.name)) for f in fields(SECTIONS[name])} for name in SECTIONS}
+        return {
+            name: {f.name: plain(getattr(getattr(self, name), f.name)) for f in fields(SECTIONS[name])}
+            for name in SECTIONS
+        }
 
     def check_required(self) -> None:
         """The keys no preset can supply; checked once all layers are merged."""
@@ -282,7 +290,9 @@ def check_layout(raw: Mapping[str, Any], source: str) -> None:
             continue
         if key not in SECTIONS:
             close = difflib.get_close_matches(key, [*SECTIONS, *TOP_LEVEL_KEYS], n=1)
-            hint = f"; did you mean [{close[0]}]?" if close else f"; sections are {', '.join(f'[{s}]' for s in SECTIONS)}"
+            hint = (
+                f"; did you mean [{close[0]}]?" if close else f"; sections are {', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
             raise ConfigError(f"{source}: unknown section or key {key!r}{hint}")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {key} must be a section ([{key}]); got {value!r}")

@@ -101,7 +101,11 @@ def scan_folder(folder: str | Path, caption_extension: str = ".txt", min_image_s
             continue
         report.items.append(ImageItem(path, caption, width, height, _repeats_for(path, root)))
     if not report.items:
-        detail = f"; skipped {len(report.skipped)}: " + "; ".join(f"{p.name}: {r}" for p, r in report.skipped[:5]) if report.skipped else ""
+        detail = (
+            f"; skipped {len(report.skipped)}: " + "; ".join(f"{p.name}: {r}" for p, r in report.skipped[:5])
+            if report.skipped
+            else ""
+        )
         raise DataError(
             f"no usable training images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files with same-name "
             f"{ext} captions){detail}"
@@ -131,7 +135,10 @@ def make_buckets(resolution: int, step: int = 64, min_size: int = 0, max_size: i
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> int:
     ratio = math.log(width / height)
-    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), -buckets[i][0] * buckets[i][1]))
+    return min(
+        range(len(buckets)),
+        key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), -buckets[i][0] * buckets[i][1]),
+    )
 
 
 # --- batch order -------------------------------------------------------------------
@@ -190,7 +197,11 @@ class Prepared:
 
 
 def prepare_image(
-    path: Path, bucket: tuple[int, int], random_crop: bool = False, flip: bool = False, generator: Optional[torch.Generator] = None
+    path: Path,
+    bucket: tuple[int, int],
+    random_crop: bool = False,
+    flip: bool = False,
+    generator: Optional[torch.Generator] = None,
 ) -> Prepared:
     bw, bh = bucket
     with Image.open(path) as image:
@@ -259,7 +270,9 @@ class TrainImages(torch.utils.data.Dataset):
 
     def caption_for(self, entry: int, epoch: int) -> str:
         item = self.items[self.entries[entry]]
-        if self.caption_dropout and bool(torch.rand(1, generator=_seeded(self.seed, epoch, entry, 0xCA7)) < self.caption_dropout):
+        if self.caption_dropout and bool(
+            torch.rand(1, generator=_seeded(self.seed, epoch, entry, 0xCA7)) < self.caption_dropout
+        ):
             return ""
         return item.caption
 
@@ -278,7 +291,9 @@ class TrainImages(torch.utils.data.Dataset):
                 item.path, self.bucket_of(index), self.random_crop, self.flip, _seeded(self.seed, epoch, entry, 0x1A6)
             )
             sample["pixels"] = prepared.pixels
-            sample["size_cond"] = torch.tensor([*prepared.original_size, *prepared.crop_top_left, *prepared.target_size])
+            sample["size_cond"] = torch.tensor(
+                [*prepared.original_size, *prepared.crop_top_left, *prepared.target_size]
+            )
         if self.text_files is not None:
             sample["text"] = self.load_tensors(self.text_files[caption])
         return sample

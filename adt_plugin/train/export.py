@@ -1,16 +1,16 @@
 """Saving a full fine-tune: a diffusers folder or one safetensors file.
 
-    format = "diffusers"    the whole pipeline as a folder (the trained denoiser,
-                            the other components as loaded); diffusers, ComfyUI's
-                            diffusers loader, sd-scripts and OneTrainer read it.
-    format = "safetensors"  one file in the original checkpoint layout: the
-                            denoiser under `model.diffusion_model.` with original
-                            (LDM / MMDiT) names. When the run started from a
-                            single-file checkpoint, every other tensor of that
-                            file (VAE, text encoders) is copied through, so the
-                            result is a complete checkpoint for A1111 and
-                            ComfyUI's checkpoint loader; from a diffusers folder
-                            it holds the denoiser only (ComfyUI: Load Diffusion Model).
+format = "diffusers"    the whole pipeline as a folder (the trained denoiser,
+                        the other components as loaded); diffusers, ComfyUI's
+                        diffusers loader, sd-scripts and OneTrainer read it.
+format = "safetensors"  one file in the original checkpoint layout: the
+                        denoiser under `model.diffusion_model.` with original
+                        (LDM / MMDiT) names. When the run started from a
+                        single-file checkpoint, every other tensor of that
+                        file (VAE, text encoders) is copied through, so the
+                        result is a complete checkpoint for A1111 and
+                        ComfyUI's checkpoint loader; from a diffusers folder
+                        it holds the denoiser only (ComfyUI: Load Diffusion Model).
 """
 
 from __future__ import annotations

@@ -39,11 +39,23 @@ class OriginalName:
 
 # --- SD1.x / SD2.x / SDXL UNet (LDM layout) ----------------------------------------
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 
 
 def _inner_resnet(rest: str) -> str:
@@ -58,12 +70,14 @@ def unet_original_name(name: str, config: Mapping[str, Any]) -> str:
     per_down = int(config["layers_per_block"]) + 1  # LDM: a block's layers, then its downsampler
     for top, original in _UNET_TOP.items():
         if name == top or name.startswith(top + "."):
-            return original + name[len(top):]
+            return original + name[len(top) :]
     m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name)
     if m:
         block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
         index = 1 + block * per_down + layer
-        return f"input_blocks.{index}.0.{_inner_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+        return (
+            f"input_blocks.{index}.0.{_inner_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+        )
     m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", name)
     if m:
         return f"input_blocks.{(int(m[1]) + 1) * per_down}.0.op.{m[2]}"
@@ -75,7 +89,9 @@ def unet_original_name(name: str, config: Mapping[str, Any]) -> str:
     if m:
         block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
         index = block * per_down + layer
-        return f"output_blocks.{index}.0.{_inner_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+        return (
+            f"output_blocks.{index}.0.{_inner_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+        )
     m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name)
     if m:
         block = int(m[1])
@@ -86,25 +102,40 @@ def unet_original_name(name: str, config: Mapping[str, Any]) -> str:
 
 # --- SD3 MMDiT ---------------------------------------------------------------------
 
-_SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "pos_embed.pos_embed": "pos_embed",
-            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-            "context_embedder": "context_embedder", "proj_out": "final_layer.linear"}
+_SD3_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "pos_embed.pos_embed": "pos_embed",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+}
 # inside transformer_blocks.N: diffusers module -> (stream, original module, qkv part)
 _SD3_BLOCK = {
-    "attn.to_q": ("x_block", "attn.qkv", 0), "attn.to_k": ("x_block", "attn.qkv", 1), "attn.to_v": ("x_block", "attn.qkv", 2),
-    "attn.to_out.0": ("x_block", "attn.proj", None), "attn.norm_q": ("x_block", "attn.ln_q", None),
+    "attn.to_q": ("x_block", "attn.qkv", 0),
+    "attn.to_k": ("x_block", "attn.qkv", 1),
+    "attn.to_v": ("x_block", "attn.qkv", 2),
+    "attn.to_out.0": ("x_block", "attn.proj", None),
+    "attn.norm_q": ("x_block", "attn.ln_q", None),
     "attn.norm_k": ("x_block", "attn.ln_k", None),
-    "attn.add_q_proj": ("context_block", "attn.qkv", 0), "attn.add_k_proj": ("context_block", "attn.qkv", 1),
-    "attn.add_v_proj": ("context_block", "attn.qkv", 2), "attn.to_add_out": ("context_block", "attn.proj", None),
-    "attn.norm_added_q": ("context_block", "attn.ln_q", None), "attn.norm_added_k": ("context_block", "attn.ln_k", None),
-    "attn2.to_q": ("x_block", "attn2.qkv", 0), "attn2.to_k": ("x_block", "attn2.qkv", 1), "attn2.to_v": ("x_block", "attn2.qkv", 2),
-    "attn2.to_out.0": ("x_block", "attn2.proj", None), "attn2.norm_q": ("x_block", "attn2.ln_q", None),
+    "attn.add_q_proj": ("context_block", "attn.qkv", 0),
+    "attn.add_k_proj": ("context_block", "attn.qkv", 1),
+    "attn.add_v_proj": ("context_block", "attn.qkv", 2),
+    "attn.to_add_out": ("context_block", "attn.proj", None),
+    "attn.norm_added_q": ("context_block", "attn.ln_q", None),
+    "attn.norm_added_k": ("context_block", "attn.ln_k", None),
+    "attn2.to_q": ("x_block", "attn2.qkv", 0),
+    "attn2.to_k": ("x_block", "attn2.qkv", 1),
+    "attn2.to_v": ("x_block", "attn2.qkv", 2),
+    "attn2.to_out.0": ("x_block", "attn2.proj", None),
+    "attn2.norm_q": ("x_block", "attn2.ln_q", None),
     "attn2.norm_k": ("x_block", "attn2.ln_k", None),
-    "ff.net.0.proj": ("x_block", "mlp.fc1", None), "ff.net.2": ("x_block", "mlp.fc2", None),
-    "ff_context.net.0.proj": ("context_block", "mlp.fc1", None), "ff_context.net.2": ("context_block", "mlp.fc2", None),
+    "ff.net.0.proj": ("x_block", "mlp.fc1", None),
+    "ff.net.2": ("x_block", "mlp.fc2", None),
+    "ff_context.net.0.proj": ("context_block", "mlp.fc1", None),
+    "ff_context.net.2": ("context_block", "mlp.fc2", None),
     "norm1.linear": ("x_block", "adaLN_modulation.1", None),
     "norm1_context.linear": ("context_block", "adaLN_modulation.1", None),
 }
@@ -147,7 +178,9 @@ def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def to_original_state_dict(family: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def to_original_state_dict(
+    family: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """A diffusers denoiser state dict in original names (fused tensors re-assembled)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, list[torch.Tensor | None]] = {}

@@ -131,13 +131,17 @@ def load_pipeline(config: ModelConfig, family: str, dtype: torch.dtype = torch.f
     cls = getattr(diffusers, FAMILIES[family].pipeline_class)
     if path.is_dir():
         # SD3 runs without its T5 encoder (the pipeline then uses zeros); a folder may leave it out.
-        absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if family == "sd3" and not (path / name).is_dir()}
+        absent = {
+            name: None for name in ("text_encoder_3", "tokenizer_3") if family == "sd3" and not (path / name).is_dir()
+        }
         pipe = cls.from_pretrained(str(path), local_files_only=True, **absent, **dtype_kwargs(dtype))
     else:
         folder = config_folder_for(config, family)
         pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True, **dtype_kwargs(dtype))
     if config.vae_path:
-        pipe.vae = load_vae(_expand(config.vae_path), path if path.is_dir() else config_folder_for(config, family), dtype)
+        pipe.vae = load_vae(
+            _expand(config.vae_path), path if path.is_dir() else config_folder_for(config, family), dtype
+        )
     if config.prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=config.prediction_type)
     return pipe

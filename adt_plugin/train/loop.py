@@ -38,7 +38,16 @@ from ..decode import LatentDecoder
 from ..fileio import atomic_write_bytes
 from ..strategies import TrainBatch, build_strategy
 from .config import ConfigError, RunConfig
-from .data import BatchOrder, TrainImages, cache_key, collate, file_fingerprint, make_buckets, prepare_image, scan_folder
+from .data import (
+    BatchOrder,
+    TrainImages,
+    cache_key,
+    collate,
+    file_fingerprint,
+    make_buckets,
+    prepare_image,
+    scan_folder,
+)
 from .export import save_diffusers_folder, save_single_file
 from .loading import detect_family, load_pipeline, resolve_dtype, set_attention
 from .lora import add_lora, load_peft_state, lora_metadata, peft_state, save_lora
@@ -49,7 +58,13 @@ from .state import Outputs, ResumeError, load_state, read_trainer_json, save_sta
 
 # Settings a resumed run must share with the run that saved the state, or the
 # continuation would not be the run it claims to continue.
-RESUME_MUST_MATCH = (("train", "method"), ("train", "batch_size"), ("train", "seed"), ("adt", "strategy"), ("adt", "seed"))
+RESUME_MUST_MATCH = (
+    ("train", "method"),
+    ("train", "batch_size"),
+    ("train", "seed"),
+    ("adt", "strategy"),
+    ("adt", "seed"),
+)
 
 
 @dataclass
@@ -83,7 +98,9 @@ def check_sampler_fits(config: RunConfig, family: str) -> None:
     flow_sampler = SAMPLERS[resolve_sampler_name(config.adt.sampler)].flow
     if flow_sampler != (family == "sd3"):
         fitting = sorted(n for n, spec in SAMPLERS.items() if spec.flow == (family == "sd3"))
-        raise ConfigError(f"[adt] sampler = {config.adt.sampler!r} does not fit a {family} model; use one of {', '.join(fitting)}")
+        raise ConfigError(
+            f"[adt] sampler = {config.adt.sampler!r} does not fit a {family} model; use one of {', '.join(fitting)}"
+        )
 
 
 class Trainer:
@@ -118,8 +135,7 @@ class Trainer:
         check_environment(config)
         resume_info = read_trainer_json(self.resume) if self.resume else None
         data_cfg = config.data
-        min_size = data_cfg.min_image_size or data_cfg.resolution // 2
-        self.report = scan_folder(data_cfg.folder, data_cfg.caption_extension, min_size)  # before any model
+        self.report = scan_folder(data_cfg.folder, data_cfg.caption_extension, data_cfg.min_size)  # before any model
 
         # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU
         # machine): accelerate needs cpu=True to set them up as MULTI_CPU (gloo).
@@ -151,8 +167,11 @@ class Trainer:
     def _check_resume(self, info: dict) -> None:
         saved = info.get("config", {})
         current = self.config.to_dict()
-        differs = [f"[{s}] {k}: saved {saved.get(s, {}).get(k)!r}, now {current[s][k]!r}"
-                   for s, k in RESUME_MUST_MATCH if saved.get(s, {}).get(k) != current[s][k]]
+        differs = [
+            f"[{s}] {k}: saved {saved.get(s, {}).get(k)!r}, now {current[s][k]!r}"
+            for s, k in RESUME_MUST_MATCH
+            if saved.get(s, {}).get(k) != current[s][k]
+        ]
         if info.get("world_size") != self.world:
             differs.append(f"processes: saved {info.get('world_size')}, now {self.world}")
         if differs:
@@ -171,7 +190,9 @@ class Trainer:
         else:
             vae_dtype = resolve_dtype(config.model.vae_dtype)
         self.echo(f"loading {self.family_name} model from {config.model.path}")
-        pipe = load_pipeline(config.model, self.family_name, self.weight_dtype)
+        # A full fine-tune keeps float32 master weights: load them as stored, not through bf16.
+        full = config.train.method == "full"
+        pipe = load_pipeline(config.model, self.family_name, torch.float32 if full else self.weight_dtype)
         self.pipe = pipe
         self.denoiser = getattr(pipe, self.family.denoiser_attr)
         self.vae = pipe.vae.requires_grad_(False)
@@ -181,16 +202,15 @@ class Trainer:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             encoder = getattr(pipe, name, None)
             if encoder is not None:
-                encoder.to(self.device).requires_grad_(False)
+                encoder.to(self.device, self.weight_dtype).requires_grad_(False)
         self.attention = set_attention(pipe, self.denoiser, config.model.attention)
         self.scheduler_config = dict(pipe.scheduler.config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
 
-        if config.train.method == "lora":
-            params = add_lora(self.denoiser, self.family, config.lora)
+        if full:
+            params = list(self.denoiser.to(torch.float32).requires_grad_(True).parameters())
         else:
-            self.denoiser.to(torch.float32).requires_grad_(True)  # full fine-tune: float32 master weights
-            params = list(self.denoiser.parameters())
+            params = add_lora(self.denoiser, self.family, config.lora)
         for p in params:  # trainable weights in float32 whatever the base's dtype
             p.data = p.data.float()
         self.denoiser.to(self.device)
@@ -232,14 +252,20 @@ class Trainer:
         if sample.prompts:
             height = sample.height or data_cfg.resolution
             width = sample.width or data_cfg.resolution
-            self.sample_shape = (self.denoiser.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+            self.sample_shape = (
+                self.denoiser.config.in_channels,
+                height // self.latent_factor,
+                width // self.latent_factor,
+            )
             size = torch.tensor([[height, width, 0, 0, height, width]])
             with torch.no_grad():
                 for prompt in sample.prompts:
                     cond = self.family.encode_text(self.pipe, [prompt], self.device)
                     cond.update({k: v.to(self.device) for k, v in self.family.size_cond(size).items()})
                     self.sample_conds.append(cond)
-                negative = self.family.encode_text(self.pipe, [sample.negative_prompt], self.device) if sample.negative_prompt else self.empty_text
+                negative = self.empty_text
+                if sample.negative_prompt:
+                    negative = self.family.encode_text(self.pipe, [sample.negative_prompt], self.device)
             self.sample_adapter = DiffusersAdapter(
                 self.family, self.denoiser, self.scheduler_config, negative, self.decoder, self.accelerator.autocast
             )
@@ -268,7 +294,9 @@ class Trainer:
         if data_cfg.cache_latents:
             vae_id = f"{model_id}|{self.config.model.vae_path}|{json.dumps(dict(self.vae.config), sort_keys=True, default=str)}|{self.vae.dtype}"
             files = [
-                cache / "latents" / f"{cache_key(file_fingerprint(item.path), self.dataset.bucket_of(i), vae_id)}.safetensors"
+                cache
+                / "latents"
+                / f"{cache_key(file_fingerprint(item.path), self.dataset.bucket_of(i), vae_id)}.safetensors"
                 for i, item in enumerate(self.dataset.items)
             ]
             if self.main:
@@ -284,7 +312,9 @@ class Trainer:
             self.dataset.latent_files = files
         if data_cfg.cache_text:
             text_id = f"{model_id}|{self.family_name}|text"
-            captions = sorted({item.caption for item in self.dataset.items} | ({""} if data_cfg.caption_dropout else set()))
+            captions = sorted(
+                {item.caption for item in self.dataset.items} | ({""} if data_cfg.caption_dropout else set())
+            )
             files = {c: cache / "text" / f"{cache_key(c, text_id)}.safetensors" for c in captions}
             if self.main:
                 missing = [c for c, f in files.items() if not f.is_file()]
@@ -298,17 +328,20 @@ class Trainer:
         self.barrier()
 
     def _setup_strategy(self) -> None:
-        settings = self.config.adt
-        if self.rank:  # each process draws its own noise, start steps and augmentations
-            settings = settings.replace(seed=settings.seed + 1_000_003 * self.rank)
-        self.strategy = build_strategy(settings, self.scheduler_config, device=self.device)
+        # The strategy offsets its seed by the process rank itself: each process draws
+        # its own noise, start steps and augmentations.
+        self.strategy = build_strategy(self.config.adt, self.scheduler_config, device=self.device)
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
 
         train = self.config.train
-        kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
-                      weight_decay=train.weight_decay)
+        kwargs = dict(
+            lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_epsilon,
+            weight_decay=train.weight_decay,
+        )
         if train.optimizer == "adamw8bit":
             import bitsandbytes as bnb
 
@@ -317,8 +350,9 @@ class Trainer:
             optimizer = torch.optim.AdamW(self.params, **kwargs)
         # The LR schedule is stepped by us once per iteration (not prepared: accelerate
         # would step it once per process).
-        self.lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
-                                          num_training_steps=train.max_steps)
+        self.lr_scheduler = get_scheduler(
+            train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps, num_training_steps=train.max_steps
+        )
         self.optimizer = self.accelerator.prepare(optimizer)  # fp16: the grad scaler steps through it
 
     def _restore(self) -> None:
@@ -337,9 +371,14 @@ class Trainer:
         self.step = int(info["step"])
         self.position = (int(info["epoch"]), int(info["batch_index"]))
         self.nonfinite_total = int(info.get("nonfinite_total", 0))
-        if info.get("data_entries") != len(self.dataset) or info.get("batches_per_epoch") != self.order.batches_per_epoch:
-            self.echo("warning: the data changed since the state was saved; the batch order from here on differs "
-                      "from the uninterrupted run's")
+        if (
+            info.get("data_entries") != len(self.dataset)
+            or info.get("batches_per_epoch") != self.order.batches_per_epoch
+        ):
+            self.echo(
+                "warning: the data changed since the state was saved; the batch order from here on differs "
+                "from the uninterrupted run's"
+            )
         self.echo(f"resumed from {self.resume} at step {self.step}")
 
     # --- batches -------------------------------------------------------------------
@@ -446,16 +485,29 @@ class Trainer:
         dtype = resolve_dtype(config.save.precision)
         is_folder = config.train.method == "full" and config.save.format == "diffusers"
         path = self.outputs.model_path(step, folder=is_folder)
-        record = {"adt_plugin_version": __version__, "adt_strategy": self.strategy.name or config.adt.strategy,
-                  "adt_step": str(self.step), "adt_config": json.dumps(config.to_dict())}
+        record = {
+            "adt_plugin_version": __version__,
+            "adt_strategy": self.strategy.name or config.adt.strategy,
+            "adt_step": str(self.step),
+            "adt_config": json.dumps(config.to_dict()),
+        }
         if self.main:
             if config.train.method == "lora":
-                meta = lora_metadata(self.family, config.lora, self.prediction_type, {
-                    **record, "ss_steps": str(self.step), "ss_learning_rate": str(config.train.learning_rate),
-                    "ss_resolution": f"({config.data.resolution}, {config.data.resolution})",
-                    "ss_output_name": config.train.output_name, "ss_num_train_images": str(len(self.dataset.items)),
-                    "ss_seed": str(config.train.seed), "ss_mixed_precision": config.train.mixed_precision,
-                })
+                meta = lora_metadata(
+                    self.family,
+                    config.lora,
+                    self.prediction_type,
+                    {
+                        **record,
+                        "ss_steps": str(self.step),
+                        "ss_learning_rate": str(config.train.learning_rate),
+                        "ss_resolution": f"({config.data.resolution}, {config.data.resolution})",
+                        "ss_output_name": config.train.output_name,
+                        "ss_num_train_images": str(len(self.dataset.items)),
+                        "ss_seed": str(config.train.seed),
+                        "ss_mixed_precision": config.train.mixed_precision,
+                    },
+                )
                 save_lora(path, self.family, self.denoiser, config.lora, meta, dtype)
             elif is_folder:
                 save_diffusers_folder(path, self.pipe, self.family.denoiser_attr, dtype)
@@ -473,21 +525,42 @@ class Trainer:
     def save_state(self, folder: Path) -> Path:
         trainable = peft_state(self.denoiser) if self.config.train.method == "lora" else self.denoiser.state_dict()
         trainer = {
-            "step": self.step, "epoch": self.position[0], "batch_index": self.position[1], "world_size": self.world,
-            "nonfinite_total": self.nonfinite_total, "data_entries": len(self.dataset),
-            "batches_per_epoch": self.order.batches_per_epoch, "family": self.family_name,
-            "adt_plugin_version": __version__, "config": self.config.to_dict(),
+            "step": self.step,
+            "epoch": self.position[0],
+            "batch_index": self.position[1],
+            "world_size": self.world,
+            "nonfinite_total": self.nonfinite_total,
+            "data_entries": len(self.dataset),
+            "batches_per_epoch": self.order.batches_per_epoch,
+            "family": self.family_name,
+            "adt_plugin_version": __version__,
+            "config": self.config.to_dict(),
         }
-        return save_state(folder, rank=self.rank, barrier=self.barrier, trainer=trainer, trainable=trainable,
-                          optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
-                          strategy=self.strategy)
+        return save_state(
+            folder,
+            rank=self.rank,
+            barrier=self.barrier,
+            trainer=trainer,
+            trainable=trainable,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler,
+            strategy=self.strategy,
+        )
 
     def sample(self, monitor: Monitor) -> Optional[Path]:
         if not (self.main and self.sample_conds):
             return None
         self.denoiser.eval()
-        image = sample_grid(self.scheduler_config, self.config.adt.rollout_config(), self.sample_adapter,
-                            self.sample_conds, self.sample_shape, self.config.sample.seed, self.device)
+        image = sample_grid(
+            self.scheduler_config,
+            self.config.adt.rollout_config(),
+            self.sample_adapter,
+            self.sample_conds,
+            self.sample_shape,
+            self.config.sample.seed,
+            self.device,
+        )
         self.denoiser.train()
         path = self.config.output_dir / "samples" / f"{self.config.train.output_name}-step{self.step:08d}.png"
         atomic_write_bytes(path, pil_bytes(image))
@@ -534,8 +607,10 @@ class Trainer:
                 else:
                     self.nonfinite_run += 1
                     self.nonfinite_total += 1
-                    monitor.write(f"step {self.step}: non-finite loss or gradient, generator update skipped "
-                                  f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
+                    monitor.write(
+                        f"step {self.step}: non-finite loss or gradient, generator update skipped "
+                        f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)"
+                    )
                 logs["time/step_s"] = time.perf_counter() - start
                 logs["memory/peak_gb"] = peak_memory_gb(self.device)
                 logs["train/nonfinite_steps"] = self.nonfinite_total
@@ -544,16 +619,24 @@ class Trainer:
                 monitor.advance(logs)
                 if self.nonfinite_run >= config.train.max_nonfinite_steps:
                     last = self.outputs.saved_steps()
-                    where = f"the last good save is step {last[-1]} in {self.outputs.dir}" if last else "nothing was saved yet"
-                    monitor.write(f"stopping: {self.nonfinite_run} non-finite steps in a row (train.max_nonfinite_steps = "
-                                  f"{config.train.max_nonfinite_steps}); {where}. Lower the learning rate or check the data.")
+                    where = (
+                        f"the last good save is step {last[-1]} in {self.outputs.dir}"
+                        if last
+                        else "nothing was saved yet"
+                    )
+                    monitor.write(
+                        f"stopping: {self.nonfinite_run} non-finite steps in a row (train.max_nonfinite_steps = "
+                        f"{config.train.max_nonfinite_steps}); {where}. Lower the learning rate or check the data."
+                    )
                     result = RunResult("nonfinite", self.step, skipped_steps=self.nonfinite_total)
                     return result
                 if config.sample.every_n_steps and self.step % config.sample.every_n_steps == 0 and self.step < total:
                     self.sample(monitor)
                 every = config.save.every_n_steps
                 if every and self.step % every == 0 and self.step < total and self.nonfinite_run:
-                    monitor.write(f"step {self.step}: save skipped while steps are not finite (keeping the last good one)")
+                    monitor.write(
+                        f"step {self.step}: save skipped while steps are not finite (keeping the last good one)"
+                    )
                 elif every and self.step % every == 0 and self.step < total:
                     path, state = self.save(self.step, config.save.state)
                     result.saved.append(path)
@@ -564,15 +647,20 @@ class Trainer:
                     monitor.write(f"step {self.step}: saved {path.name}" + (f" and {state.name}" if state else ""))
                 if not self.all_true(self.stop_requested is None):
                     path, state = self.save(self.step, True)
-                    monitor.write(f"{self.stop_requested or 'stop'} at step {self.step}: saved {path.name} and the "
-                                  f"resumable state {state}; continue with --resume {state}")
+                    monitor.write(
+                        f"{self.stop_requested or 'stop'} at step {self.step}: saved {path.name} and the "
+                        f"resumable state {state}; continue with --resume {state}"
+                    )
                     return RunResult("interrupted", self.step, result.saved + [path], state, self.nonfinite_total)
             if config.sample.every_n_steps or config.sample.prompts:
                 self.sample(monitor)
             path, state = self.save(None, config.save.state)
             skipped = len(self.report.skipped)
-            monitor.write(f"done: {self.step} steps; saved {path}" + (f" and {state}" if state else "")
-                          + (f"; {skipped} images were skipped (listed at the start)" if skipped else ""))
+            monitor.write(
+                f"done: {self.step} steps; saved {path}"
+                + (f" and {state}" if state else "")
+                + (f"; {skipped} images were skipped (listed at the start)" if skipped else "")
+            )
             result.saved.append(path)
             result.state = state or result.state
             result.step, result.skipped_steps = self.step, self.nonfinite_total

@@ -60,7 +60,13 @@ def add_lora(denoiser: torch.nn.Module, family: Family, config: LoraConfig) -> l
         )
     denoiser.requires_grad_(False)
     denoiser.add_adapter(
-        PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, init_lora_weights=True)
+        PeftLoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets,
+            init_lora_weights=True,
+        )
     )
     for module in lora_modules(denoiser):  # fail now, not at the first save
         try:
@@ -92,7 +98,9 @@ def lora_modules(denoiser: torch.nn.Module) -> list[str]:
     return sorted({k.rsplit(".lora_A.", 1)[0] for k in peft_state(denoiser) if ".lora_A." in k})
 
 
-def to_kohya(family: Family, denoiser: torch.nn.Module, alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def to_kohya(
+    family: Family, denoiser: torch.nn.Module, alpha: float, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
     state = peft_state(denoiser)
     groups: dict[str, dict[str, Any]] = {}
     for module in lora_modules(denoiser):
@@ -120,7 +128,9 @@ def to_kohya(family: Family, denoiser: torch.nn.Module, alpha: float, dtype: tor
     return out
 
 
-def lora_metadata(family: Family, lora: LoraConfig, prediction_type: str, extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+def lora_metadata(
+    family: Family, lora: LoraConfig, prediction_type: str, extra: Optional[Mapping[str, Any]] = None
+) -> dict[str, str]:
     """sd-scripts' `ss_*` keys and the Stability AI model spec, as kohya tools read them."""
     version = family.base_model_version
     architecture = family.architecture
@@ -143,6 +153,13 @@ def lora_metadata(family: Family, lora: LoraConfig, prediction_type: str, extra:
     return meta
 
 
-def save_lora(path: Path, family: Family, denoiser: torch.nn.Module, lora: LoraConfig, metadata: Mapping[str, str], dtype: torch.dtype) -> Path:
+def save_lora(
+    path: Path,
+    family: Family,
+    denoiser: torch.nn.Module,
+    lora: LoraConfig,
+    metadata: Mapping[str, str],
+    dtype: torch.dtype,
+) -> Path:
     atomic_save_safetensors(to_kohya(family, denoiser, lora.alpha, dtype), path, metadata)
     return path

@@ -30,7 +30,16 @@ class Family:
     text_keys: tuple[str, ...] = ("encoder_hidden_states",)
     # What sd-scripts trains by default: every linear (and 1x1 conv) layer of the
     # attention blocks. peft matches these as module-name suffixes.
-    lora_targets: tuple[str, ...] = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    lora_targets: tuple[str, ...] = (
+        "proj_in",
+        "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    )
     base_model_version = ""  # sd-scripts' ss_base_model_version
     architecture = ""  # modelspec.architecture (Stability AI model spec)
     implementation = "diffusers"
@@ -68,7 +77,9 @@ class SdxlFamily(Family):
     implementation = "https://github.com/Stability-AI/generative-models"
 
     def encode_text(self, pipe, captions, device):
-        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
     def empty_text(self, pipe, device):
@@ -84,7 +95,11 @@ class SdxlFamily(Family):
     def denoise(self, denoiser, sample, timestep, cond):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return denoiser(
-            sample, timestep, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=added,
+            return_dict=False,
         )[0]
 
 
@@ -93,8 +108,20 @@ class Sd3Family(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_attr = "transformer"
     text_keys = ("encoder_hidden_states", "pooled_projections")
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    lora_targets = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
     base_model_version = "sd3"
     architecture = "stable-diffusion-3"
     implementation = "https://github.com/Stability-AI/generative-models"
@@ -126,7 +153,7 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         mode = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((mode.float() - shift) * float(vae.config.scaling_factor))
+    return (mode.float() - shift) * float(vae.config.scaling_factor)
 
 
 class DiffusersAdapter:

@@ -35,8 +35,10 @@ class Monitor:
 
                 self.writer = SummaryWriter(str(log_dir))
             except Exception as err:  # noqa: BLE001 - tensorboard missing or broken: keep training
-                echo(f"TensorBoard logging is off ({type(err).__name__}: {err}); `pip install tensorboard` to get it. "
-                     f"Scalars still go to {log_dir / 'scalars.jsonl'}")
+                echo(
+                    f"TensorBoard logging is off ({type(err).__name__}: {err}); `pip install tensorboard` to get it. "
+                    f"Scalars still go to {log_dir / 'scalars.jsonl'}"
+                )
 
     def write(self, message: str) -> None:
         if self.main:
@@ -60,7 +62,9 @@ class Monitor:
 
     def advance(self, values: Optional[Mapping[str, float]] = None) -> None:
         if values:
-            self.bar.set_postfix({short: f"{values[k]:.4g}" for k, short in POSTFIX.items() if k in values}, refresh=False)
+            self.bar.set_postfix(
+                {short: f"{values[k]:.4g}" for k, short in POSTFIX.items() if k in values}, refresh=False
+            )
         self.bar.update(1)
 
     def close(self) -> None:

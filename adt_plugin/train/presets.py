@@ -64,7 +64,9 @@ def describe(path: Path) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--show", metavar="NAME", help="print one preset as TOML, merged with what it extends and the defaults")
+    parser.add_argument(
+        "--show", metavar="NAME", help="print one preset as TOML, merged with what it extends and the defaults"
+    )
 
 
 def run(args) -> int:

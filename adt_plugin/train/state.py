@@ -59,7 +59,11 @@ class Outputs:
 
     def saved_steps(self) -> list[int]:
         pattern = re.compile(rf"^{re.escape(self.name)}-step(\d{{8}})(\.safetensors|-state)?$")
-        steps = {int(m.group(1)) for p in self.dir.iterdir() if (m := pattern.match(p.name))} if self.dir.is_dir() else set()
+        steps = (
+            {int(m.group(1)) for p in self.dir.iterdir() if (m := pattern.match(p.name))}
+            if self.dir.is_dir()
+            else set()
+        )
         return sorted(steps)
 
     def prune(self) -> list[Path]:
@@ -154,7 +158,9 @@ def save_state(
 def read_trainer_json(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "trainer.json"
     if not path.is_file():
-        raise ResumeError(f"{folder} is not a training state folder (no trainer.json); pass a NAME-stepNNNNNNNN-state folder")
+        raise ResumeError(
+            f"{folder} is not a training state folder (no trainer.json); pass a NAME-stepNNNNNNNN-state folder"
+        )
     info = json.loads(path.read_text())
     if info.get("format") != STATE_FORMAT:
         raise ResumeError(f"{folder}: unknown state format {info.get('format')!r} (expected {STATE_FORMAT})")
@@ -169,7 +175,9 @@ def load_state(folder: Path, rank: int) -> dict[str, Any]:
     info = read_trainer_json(folder)
     strategy_file = folder / f"strategy-rank{rank}.pt"
     if not strategy_file.is_file():
-        raise ResumeError(f"{folder} has no state for process {rank}: resume with the number of processes it was saved with ({info.get('world_size')})")
+        raise ResumeError(
+            f"{folder} has no state for process {rank}: resume with the number of processes it was saved with ({info.get('world_size')})"
+        )
     state = {
         "trainer": info,
         "trainable": load_file(str(folder / "trainable.safetensors")),

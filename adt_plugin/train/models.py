@@ -188,5 +188,6 @@ class DiffusersAdapter:
         return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.decoder(latents).float()
+        # No autocast: the VAE runs in its own dtype (float32 for SDXL under fp16, where
+        # its activations overflow); LatentDecoder casts the latents to it.
+        return self.decoder(latents).float()

@@ -13,6 +13,7 @@ generator, discriminator, twins) and random states, and `trainer.json` (step,
 data position, config). Every file is written atomically and the folder appears
 under its final name only when complete, so a crash mid-save leaves the previous
 state intact. Keep-last-N removes a step's model, discriminator and state together.
+The .pt files are read with `torch.load(weights_only=True)`: tensors and plain data only.
 """
 
 from __future__ import annotations
@@ -104,7 +105,13 @@ def torch_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global random state, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -112,7 +119,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -181,13 +189,13 @@ def load_state(folder: Path, rank: int) -> dict[str, Any]:
     state = {
         "trainer": info,
         "trainable": load_file(str(folder / "trainable.safetensors")),
-        "optimizer": torch.load(folder / "optimizer.pt", weights_only=False),
-        "lr_scheduler": torch.load(folder / "lr_scheduler.pt", weights_only=False),
-        "strategy": torch.load(strategy_file, weights_only=False),
-        "rng": torch.load(folder / f"rng-rank{rank}.pt", weights_only=False),
+        "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
+        "lr_scheduler": torch.load(folder / "lr_scheduler.pt", weights_only=True),
+        "strategy": torch.load(strategy_file, weights_only=True),
+        "rng": torch.load(folder / f"rng-rank{rank}.pt", weights_only=True),
     }
     if (folder / "scaler.pt").is_file():
-        state["scaler"] = torch.load(folder / "scaler.pt", weights_only=False)
+        state["scaler"] = torch.load(folder / "scaler.pt", weights_only=True)
     return state
 
 

@@ -36,20 +36,12 @@ from typing import Any, Optional
 
 import torch
 
+from ..selfcheck import DDPM_EPS
+
 HELP = "measure FT vs ADT iteration cost and memory on random weights (tiny on CPU, SD1.5 / SDXL on a GPU)"
 
-SD_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
+# SD's noise schedule (the core's self-check uses the same): scaled-linear betas, epsilon
+SD_SCHEDULER = DDPM_EPS
 
 
 @dataclass(frozen=True)
@@ -155,7 +147,10 @@ class BenchAdapter:
     """ModelAdapter over a random UNet; counts graph allocations when asked."""
 
     def __init__(self, unet, decoder, model: BenchModel, cond: dict, autocast_dtype):
+        from .models import FAMILIES
+
         self.unet, self.decoder, self.model = unet, decoder, model
+        self.family = FAMILIES["sdxl" if model.sdxl else "sd1"]
         self.scheduler_config = SD_SCHEDULER
         self.empty = {k: torch.zeros_like(v[:1]) for k, v in cond.items() if k != "time_ids"}
         self.saved = SavedCounter()
@@ -169,15 +164,8 @@ class BenchAdapter:
         )
 
     def denoise(self, sample, timestep, cond):
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if self.model.sdxl else None
         with self.saved.watch(), self.autocast(sample.device):
-            out = self.unet(
-                sample,
-                timestep,
-                encoder_hidden_states=cond["encoder_hidden_states"],
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
+            out = self.family.denoise(self.unet, sample, timestep, cond)
         return out.to(sample.dtype)
 
     def uncond(self, cond):

@@ -123,7 +123,7 @@ def make_buckets(resolution: int, step: int = 64, min_size: int = 0, max_size: i
     max_size = max_size or resolution * 2
     area = resolution * resolution
     buckets = {(resolution // step * step, resolution // step * step)}
-    width = min_size // step * step
+    width = max(step, min_size // step * step)
     while width <= max_size:
         height = min(max_size, (area // width) // step * step)
         if height >= min_size:

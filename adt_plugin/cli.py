@@ -15,6 +15,9 @@ from typing import Optional, Sequence
 COMMANDS = {
     "doctor": "adt_plugin.doctor",
     "eval": "adt_plugin.eval.command",
+    "train": "adt_plugin.train.command",
+    "presets": "adt_plugin.train.presets",
+    "bench": "adt_plugin.train.bench",
 }
 
 

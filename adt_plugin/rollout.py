@@ -167,9 +167,16 @@ class Rollout:
 
     def _denoise(self, model, model_input, t, cond, uncond, guidance, with_graph):
         if with_graph and self.config.gradient_checkpointing:
-            return checkpoint(
-                lambda inp: guided_denoise(model, inp, t, cond, uncond, guidance), model_input, use_reentrant=False
-            )
+            if uncond is None or guidance <= 1.0:
+                return checkpoint(lambda inp: guided_denoise(model, inp, t, cond, None, 1.0), model_input, use_reentrant=False)
+            # Guidance as two checkpointed halves, not one batch of 2B: backward then
+            # recomputes one batch-B forward at a time, so a graph step's peak is that
+            # of one fine-tuning step rather than twice it.
+            def half(c):
+                return checkpoint(lambda inp: guided_denoise(model, inp, t, c, None, 1.0)[0], model_input, use_reentrant=False)
+
+            out_uncond, out_cond = half(uncond), half(cond)
+            return out_uncond + guidance * (out_cond - out_uncond), out_cond
         return guided_denoise(model, model_input, t, cond, uncond, guidance)
 
 

@@ -136,9 +136,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise SettingsError(f"{where} must be a string, got {value!r}")
     if origin is tuple:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return tuple(value)
-        raise SettingsError(f"{where} must be a list of integers, got {value!r}")
+        # tuple[X, ...]: a list whose items are each an X (int, float or str)
+        item = hint.__args__[0]
+        noun = {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+        if isinstance(value, (list, tuple)):
+            try:
+                return tuple(_coerce(v, item, where) for v in value)
+            except SettingsError:
+                pass
+        raise SettingsError(f"{where} must be a list of {noun}, got {value!r}")
     return value
 
 

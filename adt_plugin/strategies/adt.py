@@ -92,6 +92,9 @@ class AdtStrategy(LossStrategy):
         else:
             loss = l_diff.detach()
         logs["lr/G_factor"] = self.generator_lr_factor()
+        # Every forward in train mode (the D step, the twins' reference, the G scoring)
+        # moved batch-norm statistics with this process's batch: make them equal again.
+        _average_buffers(disc)
         self.step += 1
         return StrategyOutput(loss, g_step, logs)
 
@@ -120,7 +123,6 @@ class AdtStrategy(LossStrategy):
         self.d_optimizer.step()
         self.d_optimizer.zero_grad(set_to_none=True)  # free them; the generator pass adds none
         self.d_scheduler.step()
-        _average_buffers(disc)
         disc.update_twins()
         return logs
 
@@ -157,14 +159,19 @@ def _broadcast_from_rank0(module: torch.nn.Module) -> None:
 
 
 def _average_buffers(module: torch.nn.Module) -> None:
-    """Batch-norm running statistics see each process's own batch; average them so
-    the twins (which follow them) and a saved checkpoint are the same everywhere."""
+    """Batch-norm running statistics (heads, predictors and twins) see each process's
+    own batch; average them so that the discriminator and a saved checkpoint are the
+    same everywhere. Only those: the other buffers (the input normalisation's mean
+    and std) are constants. The generator's graph holds the running statistics too
+    (batch norm's backward takes them as inputs, but in training mode does not use
+    them), so they are averaged through `.data`, which leaves autograd's version
+    counter alone."""
     if _distributed():
         world = dist.get_world_size()
         for name, buf in module.named_buffers():
-            if buf.is_floating_point() and not name.startswith(("backbone.", "twins.")):
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(world)
+            if name.endswith(("running_mean", "running_var")) and not name.startswith("backbone."):
+                dist.all_reduce(buf.data, op=dist.ReduceOp.SUM)
+                buf.data.div_(world)
 
 
 def _all_reduce_grads(optimizer: torch.optim.Optimizer) -> None:

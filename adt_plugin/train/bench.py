@@ -1,0 +1,498 @@
+"""`adt bench`: what an ADT iteration costs next to a plain fine-tuning step.
+
+Random weights, the real model classes: the denoiser (a tiny UNet on the CPU; the
+full SD1.5 UNet at 512 px and the SDXL UNet at 1024 px on a GPU), a VAE decoder,
+a DINOv2 discriminator backbone. Printed:
+
+  FT step            forward + backward + AdamW step at batch B
+  ADT iteration      averaged over an H-cycle (H - 1 discriminator-only iterations,
+                     one generator iteration), rollouts with the configured sampler
+  forwards / iter    rollout steps per ADT iteration: guided denoiser forwards (cond +
+                     uncond), not counting what backward recomputes
+  overhead ratio     ADT cycle time / (its forwards x one no-grad forward + one FT
+                     backward): 1.0 would mean the rollout costs only its forwards and
+                     the generator update only one backward
+  memory ADT / FT    peak memory of a generator iteration over an FT step (graph steps
+                     gradient-checkpointed), after one warm-up iteration that creates
+                     the optimizers' state; CUDA: allocated bytes; CPU (Linux): the peak
+                     resident memory of a fresh process above what it held before the
+                     measured step, with glibc returning every large block when freed
+                     (a proxy: the CPU allocator keeps no counters)
+  D-only graph       tensors saved for backward inside the denoiser and decoder on
+                     discriminator-only iterations (must be 0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..selfcheck import DDPM_EPS
+
+HELP = "measure FT vs ADT iteration cost and memory on random weights (tiny on CPU, SD1.5 / SDXL on a GPU)"
+
+# SD's noise schedule (the core's self-check uses the same): scaled-linear betas, epsilon
+SD_SCHEDULER = DDPM_EPS
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    resolution: int
+    unet: dict
+    vae: dict
+    dinov2: dict
+    text_tokens: int = 77
+    sdxl: bool = False
+
+
+TINY = BenchModel(
+    "tiny",
+    64,
+    unet=dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ),
+    vae=dict(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+    ),
+    dinov2=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, patch_size=28),
+    text_tokens=16,
+)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
+DINOV2_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14)
+SD15 = BenchModel("sd15", 512, unet=dict(cross_attention_dim=768, sample_size=64), vae=SD_VAE, dinov2=DINOV2_S)
+SDXL = BenchModel(
+    "sdxl",
+    1024,
+    unet=dict(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        sample_size=128,
+    ),
+    vae=SD_VAE,
+    dinov2=DINOV2_S,
+    sdxl=True,
+)
+MODELS = {m.name: m for m in (TINY, SD15, SDXL)}
+
+
+def clock(device) -> float:
+    """Wall time on a GPU (after synchronising); on the CPU the process's CPU time,
+    which other jobs on a shared machine do not inflate."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
+class SavedCounter:
+    """Counts tensors saved for backward inside a block (autograd graph being built).
+    Only while `active`: a hook inside a checkpointed region would replace the
+    checkpoint's own hook and keep the activations it is meant to drop."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+
+    @contextmanager
+    def watch(self):
+        if not self.active:
+            yield
+            return
+
+        def pack(t):
+            self.count += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+
+class BenchAdapter:
+    """ModelAdapter over a random UNet; counts graph allocations when asked."""
+
+    def __init__(self, unet, decoder, model: BenchModel, cond: dict, autocast_dtype):
+        from .models import FAMILIES
+
+        self.unet, self.decoder, self.model = unet, decoder, model
+        self.family = FAMILIES["sdxl" if model.sdxl else "sd1"]
+        self.scheduler_config = SD_SCHEDULER
+        self.empty = {k: torch.zeros_like(v[:1]) for k, v in cond.items() if k != "time_ids"}
+        self.saved = SavedCounter()
+        self.autocast_dtype = autocast_dtype
+
+    def autocast(self, device):
+        return (
+            torch.autocast(device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else torch.autocast(device.type, enabled=False)
+        )
+
+    def denoise(self, sample, timestep, cond):
+        with self.saved.watch(), self.autocast(sample.device):
+            out = self.family.denoise(self.unet, sample, timestep, cond)
+        return out.to(sample.dtype)
+
+    def uncond(self, cond):
+        batch = cond["encoder_hidden_states"].shape[0]
+        return {
+            k: self.empty[k].expand(batch, *self.empty[k].shape[1:]) if k in self.empty else v for k, v in cond.items()
+        }
+
+    def decode(self, latents):
+        with self.saved.watch(), self.autocast(latents.device):
+            return self.decoder(latents).float()
+
+
+def build(
+    model: BenchModel, device, batch: int, method: str, autocast_dtype, seed: int = 0, checkpointing: bool = True
+):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import Dinov2Config, Dinov2Model
+
+    from ..backbones import Dinov2Backbone
+    from ..decode import LatentDecoder
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**model.unet).to(device)
+    vae = AutoencoderKL(**model.vae).to(device)
+    backbone = Dinov2Backbone(
+        Dinov2Model(Dinov2Config(image_size=224, **model.dinov2)),
+        taps=(2, 5, 8, 11) if model.dinov2["num_hidden_layers"] >= 12 else (1, 3),
+        identity=f"random-{model.name}",
+    )
+    if method == "lora":
+        from .config import LoraConfig
+        from .lora import add_lora
+        from .models import FAMILIES
+
+        params = add_lora(unet, FAMILIES["sdxl" if model.sdxl else "sd1"], LoraConfig(rank=16, alpha=16))
+    else:
+        params = list(unet.parameters())
+    factor = 2 ** (len(model.vae["block_out_channels"]) - 1)
+    side = model.resolution // factor
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 4, side, side, generator=gen).to(device)
+    cond = {
+        "encoder_hidden_states": torch.randn(
+            batch, model.text_tokens, unet.config.cross_attention_dim, generator=gen
+        ).to(device)
+    }
+    if model.sdxl:
+        cond["text_embeds"] = torch.randn(batch, 1280, generator=gen).to(device)
+        cond["time_ids"] = torch.tensor(
+            [[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]] * batch,
+            dtype=torch.float32,
+            device=device,
+        )
+    decoder = LatentDecoder(vae, gradient_checkpointing=checkpointing)  # the VAE's own, as adt train sets it
+    adapter = BenchAdapter(unet, decoder, model, cond, autocast_dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    return adapter, backbone, optimizer, params, x0, cond
+
+
+def strategies(args, backbone, device):
+    from ..settings import AdtSettings
+    from ..strategies import build_strategy
+
+    taps = backbone.taps
+    adt = AdtSettings(
+        sampler=args.sampler,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        k_graph_steps=args.k,
+        g_every=args.g_every,
+        gradient_checkpointing=not args.no_checkpointing,
+        taps=taps,
+        g_warmup_steps=0,
+        d_warmup_steps=0,
+        seed=args.seed,
+    )
+    ft = build_strategy(adt.replace(strategy="ft"), SD_SCHEDULER, device=device)
+    return ft, build_strategy(adt, SD_SCHEDULER, backbone=backbone, device=device)
+
+
+def generator_update(strategy, adapter, batch, optimizer) -> Any:
+    from ..strategies import TrainBatch
+
+    out = strategy(adapter, TrainBatch(*batch))
+    if out.updates_generator:
+        out.loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def warm_optimizer(optimizer, params) -> None:
+    """Create AdamW's state now (zero gradients), so that no phase pays for it."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_phases(args, model: BenchModel, device) -> dict[str, float]:
+    from ..adapter import guided_denoise
+    from ..strategies import TrainBatch
+
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    adapter, backbone, optimizer, params, x0, cond = build(
+        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing
+    )
+    ft, adt = strategies(args, backbone, device)
+    warm_optimizer(optimizer, params)
+    batch = (x0, cond)
+    generator_update(ft, adapter, batch, optimizer)  # warm-up: kernels, allocator
+
+    # FT: forward with a graph, backward, step
+    fwd = bwd = step = 0.0
+    for _ in range(args.ft_steps):
+        t0 = clock(device)
+        out = ft(adapter, TrainBatch(*batch))
+        t1 = clock(device)
+        out.loss.backward()
+        t2 = clock(device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        fwd, bwd, step = fwd + t1 - t0, bwd + t2 - t1, step + clock(device) - t2
+    n = args.ft_steps
+    ft_step, ft_backward = (fwd + bwd + step) / n, (bwd + step) / n
+
+    # one no-grad guided forward, as the rollout calls it (cond + uncond in one batch)
+    t = torch.full((args.batch,), 500, device=device)
+    uncond = adapter.uncond(cond) if args.guidance > 1 else None
+    with torch.no_grad():
+        guided_denoise(adapter, x0, t, cond, uncond, args.guidance)
+        t0 = clock(device)
+        for _ in range(args.ft_steps):
+            guided_denoise(adapter, x0, t, cond, uncond, args.guidance)
+    nograd = (clock(device) - t0) / args.ft_steps
+
+    # ADT: whole H-cycles
+    for _ in range(args.g_every):  # warm-up cycle
+        generator_update(adt, adapter, batch, optimizer)
+    adapter.saved.count, steps = 0, 0.0
+    t0 = clock(device)
+    for _ in range(args.cycles * args.g_every):
+        adapter.saved.active = not adt.is_generator_step()  # count on discriminator-only iterations
+        steps += generator_update(adt, adapter, batch, optimizer).logs["adt/rollout_steps"]
+    d_only_saved = adapter.saved.count
+    cycles_time = clock(device) - t0
+    iterations = args.cycles * args.g_every
+    forwards = steps / iterations  # guided forwards of the rollouts (backward's recomputations not counted)
+    cycle = cycles_time / args.cycles
+    ideal_cycle = forwards * args.g_every * nograd + ft_backward
+    return {
+        "ft_step_s": ft_step,
+        "ft_backward_s": ft_backward,
+        "nograd_forward_s": nograd,
+        "adt_iteration_s": cycles_time / iterations,
+        "forwards_per_iteration": forwards,
+        "overhead_ratio": cycle / ideal_cycle,
+        "d_only_saved_tensors": d_only_saved,
+    }
+
+
+def memory_phase(args, model: BenchModel, device, phase: str) -> float:
+    """Peak memory (bytes) of one FT step or one ADT generator iteration, above the
+    memory held before it (models, optimizer state, inputs)."""
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    adapter, backbone, optimizer, params, x0, cond = build(
+        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing
+    )
+    ft, adt = strategies(args, backbone, device)
+    warm_optimizer(optimizer, params)
+    strategy = ft if phase == "ft" else adt
+    if phase == "adt":
+        strategy.step = args.g_every - 2  # a warm-up iteration (creates the D optimizer's state), then a generator one
+    generator_update(strategy, adapter, (x0, cond), optimizer)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        generator_update(strategy, adapter, (x0, cond), optimizer)
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    before = reset_peak_rss()
+    generator_update(strategy, adapter, (x0, cond), optimizer)
+    return float(status_bytes("VmHWM") - before)
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Linux: restart the peak-RSS record (VmHWM) at the current RSS, and return that."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return status_bytes("VmRSS")
+
+
+def memory_in_fresh_process(args, phase: str) -> Optional[float]:
+    """CPU: each phase in its own process, so one phase's high-water mark is not the other's."""
+    if not sys.platform.startswith("linux"):
+        return None
+    cmd = [sys.executable, "-m", "adt_plugin.cli", "bench", "--_memory_phase", phase, *args.forward_args]
+    # glibc then maps every allocation above 64 KiB on its own and returns it when freed,
+    # so the resident set follows the live tensors instead of the allocator's cache.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)["bytes"]
+    raise RuntimeError(f"memory probe for {phase} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--model", choices=["auto", *MODELS], default="auto", help="auto: sd15 and sdxl on a GPU, tiny on the CPU"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--method", choices=["full", "lora"], default=None, help="default: full (sdxl on a GPU: lora)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 2 (tiny: 4)")
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--steps", type=int, default=50, help="inference steps of the rollout's sampler")
+    parser.add_argument("--guidance", type=float, default=7.0)
+    parser.add_argument("--k", type=int, default=3, help="K: graph steps besides the first")
+    parser.add_argument("--g_every", type=int, default=5, help="H")
+    parser.add_argument("--cycles", type=int, default=4, help="H-cycles to time")
+    parser.add_argument("--ft_steps", type=int, default=10, help="FT steps and no-grad forwards to average")
+    parser.add_argument("--no_checkpointing", action="store_true", help="keep the graph steps' activations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--_memory_phase", choices=["ft", "adt"], help=argparse.SUPPRESS
+    )  # internal: one phase per process
+
+
+def run(args) -> int:
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = (["sd15", "sdxl"] if device.type == "cuda" else ["tiny"]) if args.model == "auto" else [args.model]
+    if args._memory_phase:
+        model = MODELS[names[0]]
+        _defaults(args, model, device)
+        print(json.dumps({"bytes": memory_phase(args, model, device, args._memory_phase)}))
+        return 0
+    if device.type != "cuda":
+        print(
+            "no CUDA device: measuring the tiny model on the CPU; the SD1.5 (512 px) and SDXL (1024 px) numbers "
+            "need a GPU and were not measured"
+        )
+    for name in names:
+        model = MODELS[name]
+        _defaults(args, model, device)
+        args.forward_args = [
+            "--model",
+            name,
+            "--device",
+            device.type,
+            "--method",
+            args.method,
+            "--batch",
+            str(args.batch),
+            "--sampler",
+            args.sampler,
+            "--steps",
+            str(args.steps),
+            "--guidance",
+            str(args.guidance),
+            "--k",
+            str(args.k),
+            "--g_every",
+            str(args.g_every),
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+        ] + (["--no_checkpointing"] if args.no_checkpointing else [])
+        r = time_phases(args, model, device)
+        if device.type == "cuda":
+            ft_mem, adt_mem = memory_phase(args, model, device, "ft"), memory_phase(args, model, device, "adt")
+        else:
+            ft_mem, adt_mem = memory_in_fresh_process(args, "ft"), memory_in_fresh_process(args, "adt")
+        report(name, model, device, args, r, ft_mem, adt_mem)
+        del args.forward_args
+    return 0
+
+
+def _defaults(args, model: BenchModel, device) -> None:
+    if args.method is None:
+        args.method = "lora" if model.sdxl and device.type == "cuda" else "full"
+    if args.batch is None:
+        args.batch = 4 if model.name == "tiny" else 2
+
+
+def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
+    mib = 2**20
+    ckpt = "off" if args.no_checkpointing else "on"
+    print(
+        f"\n{name} ({model.resolution} px, batch {args.batch}, {args.method}) on {device.type}; "
+        f"{args.sampler} {args.steps} steps, CFG {args.guidance}, K {args.k}, H {args.g_every}, "
+        f"graph-step checkpointing {ckpt}"
+    )
+    print(f"  FT step                          {r['ft_step_s'] * 1000:9.1f} ms")
+    print(f"  ADT iteration (H-cycle average)  {r['adt_iteration_s'] * 1000:9.1f} ms")
+    print(
+        f"  denoiser forwards per iteration  {r['forwards_per_iteration']:9.2f}   (one no-grad forward: "
+        f"{r['nograd_forward_s'] * 1000:.1f} ms; FT backward + step: {r['ft_backward_s'] * 1000:.1f} ms)"
+    )
+    print(f"  overhead ratio                   {r['overhead_ratio']:9.3f}   (goal <= 1.15)")
+    if ft_mem and adt_mem:
+        kind = "allocated" if device.type == "cuda" else "peak RSS above baseline, fresh process"
+        print(
+            f"  peak memory ADT / FT             {adt_mem / ft_mem:9.3f}   ({adt_mem / mib:.1f} / {ft_mem / mib:.1f} MiB, {kind}; goal <= 1.5)"
+        )
+    print(
+        f"  D-only iterations: tensors saved for backward in denoiser + decoder: {r['d_only_saved_tensors']} (goal 0)"
+    )

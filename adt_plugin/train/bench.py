@@ -9,9 +9,11 @@ a DINOv2 discriminator backbone. Printed:
                      one generator iteration), rollouts with the configured sampler
   forwards / iter    rollout steps per ADT iteration: guided denoiser forwards (cond +
                      uncond), not counting what backward recomputes
-  overhead ratio     ADT cycle time / (its forwards x one no-grad forward + one FT
-                     backward): 1.0 would mean the rollout costs only its forwards and
-                     the generator update only one backward
+  overhead ratio     ADT iteration time (H-cycle average) / (its forwards x one
+                     no-grad forward + one FT backward), the issue's definition: 1.0
+                     means an iteration costs its rollout's forwards plus one
+                     fine-tuning backward. Also printed, stricter: the same for a whole
+                     H-cycle with one FT backward per cycle.
   memory ADT / FT    peak memory of a generator iteration over an FT step (graph steps
                      gradient-checkpointed), after one warm-up iteration that creates
                      the optimizers' state; CUDA: allocated bytes; CPU (Linux): the peak
@@ -321,6 +323,7 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
     iterations = args.cycles * args.g_every
     forwards = steps / iterations  # guided forwards of the rollouts (backward's recomputations not counted)
     cycle = cycles_time / args.cycles
+    ideal_iteration = forwards * nograd + ft_backward
     ideal_cycle = forwards * args.g_every * nograd + ft_backward
     return {
         "ft_step_s": ft_step,
@@ -328,7 +331,8 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
         "nograd_forward_s": nograd,
         "adt_iteration_s": cycles_time / iterations,
         "forwards_per_iteration": forwards,
-        "overhead_ratio": cycle / ideal_cycle,
+        "overhead_ratio": (cycles_time / iterations) / ideal_iteration,
+        "overhead_ratio_per_cycle": cycle / ideal_cycle,
         "d_only_saved_tensors": d_only_saved,
     }
 
@@ -487,7 +491,10 @@ def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
         f"  denoiser forwards per iteration  {r['forwards_per_iteration']:9.2f}   (one no-grad forward: "
         f"{r['nograd_forward_s'] * 1000:.1f} ms; FT backward + step: {r['ft_backward_s'] * 1000:.1f} ms)"
     )
-    print(f"  overhead ratio                   {r['overhead_ratio']:9.3f}   (goal <= 1.15)")
+    print(
+        f"  overhead ratio                   {r['overhead_ratio']:9.3f}   (goal <= 1.15; per H-cycle with one FT "
+        f"backward per cycle: {r['overhead_ratio_per_cycle']:.3f})"
+    )
     if ft_mem and adt_mem:
         kind = "allocated" if device.type == "cuda" else "peak RSS above baseline, fresh process"
         print(

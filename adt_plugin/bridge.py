@@ -137,12 +137,21 @@ class GeneratorStepGate:
     update the generator; the generator warm-up factor on the learning rates of
     the steps it lets through (restored right after, so the trainer's own
     scheduler and logs are untouched). `on_skip` runs instead of a skipped step
-    (e.g. to clear a GradScaler's per-step state)."""
+    (e.g. to clear a GradScaler's per-step state). `steps_now` says whether a call
+    is a real step (accelerate's optimizer ignores calls between accumulation
+    boundaries; those pass through untouched)."""
 
-    def __init__(self, optimizer: Any, runner: StrategyRunner, on_skip: Optional[Callable[[], None]] = None):
+    def __init__(
+        self,
+        optimizer: Any,
+        runner: StrategyRunner,
+        on_skip: Optional[Callable[[], None]] = None,
+        steps_now: Optional[Callable[[], bool]] = None,
+    ):
         self.optimizer = optimizer
         self.runner = runner
         self.on_skip = on_skip
+        self.steps_now = steps_now
         self.skipped = 0
         self.taken = 0
         self._had_instance_step = "step" in vars(optimizer)
@@ -151,6 +160,8 @@ class GeneratorStepGate:
         optimizer.step = self._gated
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.steps_now is not None and not self.steps_now():
+            return self._step(*args, **kwargs)
         if not self.runner.updates_generator:
             self.skipped += 1
             if self.on_skip is not None:

@@ -74,7 +74,8 @@ class AdtTrainerMixin:
         self._adt_written: dict[Path, Path] = {}  # discriminator file -> the LoRA file it was written beside
         self._adt_scheduler_config: dict = {}
         self._adt_first_call = True
-        self._adt_vae_moved = False
+        self._adt_tokenize_strategy = None
+        self._adt_text_encoding_strategy = None
 
     # -- settings and refusals -----------------------------------------------------
     def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
@@ -83,13 +84,21 @@ class AdtTrainerMixin:
         check_args(args, self.adt_settings)
 
     # -- the empty prompt, while the text encoders are still loaded -----------------
+    def get_tokenize_strategy(self, args):
+        self._adt_tokenize_strategy = super().get_tokenize_strategy(args)
+        return self._adt_tokenize_strategy
+
+    def get_text_encoding_strategy(self, args):
+        self._adt_text_encoding_strategy = super().get_text_encoding_strategy(args)
+        return self._adt_text_encoding_strategy
+
     def cache_text_encoder_outputs_if_needed(self, args, accelerator, unet, vae, text_encoders, dataset, weight_dtype):
         super().cache_text_encoder_outputs_if_needed(args, accelerator, unet, vae, text_encoders, dataset, weight_dtype)
         if self._adt_empty_prompt is None and self._adt_uses_cfg():
             ctx = KohyaContext(
                 self, args, accelerator, unet, weight_dtype,
-                tokenize_strategy=_current_strategy("TokenizeStrategy"),
-                text_encoding_strategy=_current_strategy("TextEncodingStrategy"),
+                tokenize_strategy=self._adt_tokenize_strategy,
+                text_encoding_strategy=self._adt_text_encoding_strategy,
             )
             with torch.no_grad(), _on_device(text_encoders, accelerator.device):
                 conds = self.adt_family.encode_prompt(ctx, text_encoders, "")
@@ -217,8 +226,11 @@ class AdtTrainerMixin:
         """First training call: the optimizer exists, the VAE may be parked on the CPU."""
         self._adt_first_call = False
         accelerator = ctx.accelerator
-        self.adt_gate = GeneratorStepGate(prepared_optimizer(accelerator), self.adt_runner, on_skip=None)
-        self.adt_gate.on_skip = accelerate_skip_hook(self.adt_gate.optimizer)
+        optimizer = prepared_optimizer(accelerator)
+        self.adt_gate = GeneratorStepGate(
+            optimizer, self.adt_runner, on_skip=accelerate_skip_hook(optimizer),
+            steps_now=lambda: accelerator.sync_gradients,
+        )
         vae = ctx.vae
         if vae is not None and next(vae.parameters()).device != accelerator.device:
             vae.to(accelerator.device, dtype=ctx.vae_dtype)
@@ -330,12 +342,6 @@ def _device_of(module) -> Optional[torch.device]:
         return next(module.parameters()).device
     except (StopIteration, AttributeError):
         return None
-
-
-def _current_strategy(name: str):
-    from library import strategy_base  # sd-scripts' library, on sys.path once launched
-
-    return getattr(strategy_base, name).get_strategy()
 
 
 def make_trainer_class(base: type, family: Family) -> type:

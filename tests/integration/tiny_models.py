@@ -39,15 +39,15 @@ def tiny_clip_text_model(vocab_size: int, hidden: int = 32, layers: int = 2, pro
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def tiny_vae(seed: int = 0, latent_channels: int = 4):
-    """AutoencoderKL with the 8x downsampling of the real ones, 32 channels wide."""
+def tiny_vae(seed: int = 0, latent_channels: int = 4, width: int = 32):
+    """AutoencoderKL with the 8x downsampling of the real ones, `width` channels wide."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, sample_size=64,
+        block_out_channels=(width,) * 4, layers_per_block=1, norm_num_groups=min(32, width), sample_size=64,
     )
 
 

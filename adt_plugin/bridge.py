@@ -22,6 +22,7 @@ what the trainer's progress bar and loss curves have always shown, and the
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -154,13 +155,21 @@ class GeneratorStepGate:
         self.steps_now = steps_now
         self.skipped = 0
         self.taken = 0
+        self.removed = False
         self._had_instance_step = "step" in vars(optimizer)
         self._step = optimizer.step
-        self._gated = self.step  # one bound method, so that remove() can recognise it
+        gate = self
+
+        def step(optimizer_self: Any, *args: Any, **kwargs: Any) -> Any:
+            return gate._gated_step(*args, **kwargs)
+
+        # bound to the optimizer like its own `step`: torch's LR schedulers re-bind
+        # `optimizer.step.__func__` to the optimizer when they wrap it
+        self._gated = types.MethodType(step, optimizer)
         optimizer.step = self._gated
 
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.steps_now is not None and not self.steps_now():
+    def _gated_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.removed or (self.steps_now is not None and not self.steps_now()):
             return self._step(*args, **kwargs)
         if not self.runner.updates_generator:
             self.skipped += 1
@@ -181,6 +190,8 @@ class GeneratorStepGate:
                 group["lr"] = lr
 
     def remove(self) -> None:
+        """Stop gating (the optimizer's own step runs again)."""
+        self.removed = True
         if vars(self.optimizer).get("step") is self._gated:
             if self._had_instance_step:
                 self.optimizer.step = self._step

@@ -15,16 +15,28 @@ CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 def tiny_clip_tokenizer(folder: Path, model_max_length: int = 77) -> int:
     """A CLIPTokenizer from a hand-written byte-level vocab (no merges); returns the vocab size."""
     from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + list(CLIP_SPECIALS)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
     tok.save_pretrained(str(folder))
     return len(tokens)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
 
 
 def tiny_clip_text_model(vocab_size: int, hidden: int = 32, layers: int = 2, projection: bool = False, seed: int = 0):
@@ -90,6 +102,38 @@ def tiny_sd15_diffusers(folder: Path, tokenizer_folder: Path) -> Path:
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": [None, None], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
+def tiny_unet(cross_attention_dim: int, seed: int = 0):
+    """A small diffusers UNet2DConditionModel with cross-attention (OneTrainer uses diffusers' class itself)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+    )
+
+
+def tiny_sd15_full_diffusers(folder: Path) -> Path:
+    """A complete small diffusers SD1.x folder, tokenizer included (what OneTrainer loads)."""
+    from diffusers import DDIMScheduler
+
+    vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    text_encoder = tiny_clip_text_model(vocab)
+    text_encoder.save_pretrained(str(folder / "text_encoder"))
+    tiny_vae().save_pretrained(str(folder / "vae"))
+    tiny_unet(text_encoder.config.hidden_size).save_pretrained(str(folder / "unet"))
+    DDIMScheduler.from_config(SD_SCHEDULER).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.32.1",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
     }))
     return folder
 

@@ -164,10 +164,14 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     script_module = importlib.import_module(fam.module)
     from library import train_util  # sd-scripts' own
 
+    from ..checkpoint import CheckpointMismatch
+    from ..settings import SettingsError
     from .trainer import make_trainer_class
 
     parser = build_parser(script_module)
     parser.prog = f"adt_plugin.kohya.launch {fam.script}"
+    # as if sd-scripts' script had been run: read_config_from_file parses sys.argv again
+    sys.argv = [str(root / fam.script), *script_args]
     args = parser.parse_args(script_args)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
@@ -176,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     # would warn about the LR scheduler stepping without it on the first of them.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
     trainer_class = make_trainer_class(getattr(script_module, fam.trainer_class), fam)
-    trainer_class().train(args)
+    try:
+        trainer_class().train(args)
+    except (SettingsError, CheckpointMismatch) as err:  # bad settings or files: one clear line, no traceback
+        raise LaunchError(str(err)) from None
     return 0
 
 

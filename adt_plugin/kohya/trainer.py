@@ -80,7 +80,9 @@ class AdtTrainerMixin:
     # -- settings and refusals -----------------------------------------------------
     def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
         super().assert_extra_args(args, train_dataset_group, val_dataset_group)
-        self.adt_settings = settings_from_args(args, self.adt_family.defaults)
+        config_file = getattr(args, "config_file", None)
+        source = f"{config_file}.toml / command line" if config_file else "command line"
+        self.adt_settings = settings_from_args(args, self.adt_family.defaults, source=source)
         check_args(args, self.adt_settings)
 
     # -- the empty prompt, while the text encoders are still loaded -----------------

@@ -329,3 +329,63 @@ def test_sd3_conditioning_is_concatenated_as_sd_scripts_does():
     cond = family.pack_cond(ctx, [torch.ones(1, 77, 2048), torch.ones(1, 5, 4096), torch.ones(1, 2048), None, None, None], {})
     family.denoise(ctx, torch.ones(1, 16, 4, 4), torch.tensor([500.0]), cond)
     assert calls["context"] == (1, 82, 4096) and calls["y"] == (1, 2048) and calls["t"].dtype == torch.float32
+
+
+# -- the launcher end to end, on a stand-in sd-scripts tree -------------------------------------
+FAKE_TRAIN_UTIL = '''
+# library/train_util.py @ 48d368fa: read_config_from_file flattens the TOML's sections and
+# parses sys.argv again on top of it (command-line values win).
+import argparse, os, toml
+
+def verify_command_line_training_args(args):
+    pass
+
+def read_config_from_file(args, parser):
+    if not args.config_file:
+        return args
+    config = toml.load(args.config_file)
+    flat = {}
+    for name, section in config.items():
+        flat.update(section if isinstance(section, dict) else {name: section})
+    args = parser.parse_args(namespace=argparse.Namespace(**flat))
+    args.config_file = os.path.splitext(args.config_file)[0]
+    return args
+'''
+
+FAKE_TRAIN_NETWORK = '''
+import argparse
+SEEN = {}
+
+def setup_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config_file")
+    parser.add_argument("--output_dir")
+    parser.add_argument("--learning_rate", type=float)
+    return parser
+
+class NetworkTrainer:
+    def train(self, args):
+        SEEN["args"] = args
+'''
+
+
+def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monkeypatch):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "__init__.py").write_text("")
+    (root / "library" / "train_util.py").write_text(FAKE_TRAIN_UTIL)
+    (root / "train_network.py").write_text(FAKE_TRAIN_NETWORK)
+    config = tmp_path / "lora.toml"
+    config.write_text('[training]\nlearning_rate = 0.001\n[adt]\nadt_g_every = 3\nadt_lambda_diff = 0.25\n')
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    for name in ("train_network", "library", "library.train_util"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    # what the kohya_ss GUI hands over after `-m adt_plugin.kohya.launch`
+    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4"]
+    monkeypatch.setattr("sys.argv", ["adt_plugin.kohya.launch", *argv])
+    assert launch.main() == 0
+    import train_network
+
+    args = train_network.SEEN["args"]
+    assert args.learning_rate == 0.001 and args.output_dir == "out"
+    assert args.adt_g_every == 4 and args.adt_lambda_diff == 0.25  # the command line wins over the TOML

@@ -136,7 +136,7 @@ class TestSdScripts:
         script.write_text(SD3_CHECK)
         rc, out = run([python, script, SD_SCRIPTS, root / "dinov2"])
         assert rc == 0, out[-3000:]
-        result = json.loads(out.strip().splitlines()[-1])
+        result = json.loads(next(line for line in out.splitlines() if line.startswith('{"params"')))
         assert result["logs"]["loss/G"] == result["logs"]["loss/G"]  # not NaN
         assert result["d_only_grads"] == 0 and result["g_grads"] >= 0.8 * result["params"] > 0
         assert result["decoded"] == [1, 3, 64, 64] and result["decode_grad"] is True

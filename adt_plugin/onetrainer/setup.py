@@ -49,7 +49,7 @@ def adt_enabled(config: Any) -> bool:
     return bool(section is not None and section.enabled)
 
 
-def check_config(config: Any, family: Family) -> None:
+def check_config(config: Any) -> None:
     if getattr(config, "masked_training", False):
         raise ValueError("ADT: masked training is not supported (ADT's loss is on whole decoded images); "
                          "turn off 'Masked Training' or disable ADT (adt.enabled = false)")
@@ -83,7 +83,7 @@ class AdtSetupMixin:
         super().setup_model(model, config)
         if not adt_enabled(config):
             return
-        check_config(config, self.adt_family)
+        check_config(config)
         settings = settings_from_section(getattr(config, SECTION))
         self._adt_scheduler_config = self.adt_family.scheduler_config(model, config)
         strategy = build_strategy(settings, self._adt_scheduler_config, device=self.train_device)

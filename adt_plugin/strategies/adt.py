@@ -52,11 +52,12 @@ class AdtStrategy(LossStrategy):
         _broadcast_from_rank0(self.disc)
 
     def generator_lr_factor(self, step: Optional[int] = None) -> float:
-        return self._g_warmup(self.step if step is None else step)
+        return self._g_warmup((self.step if step is None else step) // self.micro_batches)
 
     def is_generator_step(self, step: Optional[int] = None) -> bool:
+        """Every g_every-th optimizer step (window of `micro_batches` calls) updates the generator."""
         step = self.step if step is None else step
-        return (step + 1) % self.settings.g_every == 0
+        return (step // self.micro_batches + 1) % self.settings.g_every == 0
 
     def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:
         g_step = self.is_generator_step()

@@ -44,6 +44,10 @@ def _rank() -> int:
 
 class LossStrategy(ABC):
     name: str = ""
+    #: calls that make up one optimizer step (gradient accumulation). A strategy
+    #: that alternates generator and discriminator-only iterations decides per
+    #: window of this many calls, so an accumulated step never mixes the two.
+    micro_batches: int = 1
 
     def __init__(self, seed: int = 0):
         self.step = 0

@@ -1,0 +1,165 @@
+"""Tiny random models in the formats the real trainers load (built at test time,
+nothing is downloaded). Used by the integration tests that run sd-scripts /
+OneTrainer for a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def tiny_clip_tokenizer(folder: Path, model_max_length: int = 77) -> int:
+    """A CLIPTokenizer from a hand-written byte-level vocab (no merges); returns the vocab size."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + list(CLIP_SPECIALS)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+    tok.save_pretrained(str(folder))
+    return len(tokens)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def tiny_clip_text_model(vocab_size: int, hidden: int = 32, layers: int = 2, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4, width: int = 32):
+    """AutoencoderKL with the 8x downsampling of the real ones, `width` channels wide."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(width,) * 4, layers_per_block=1, norm_num_groups=min(32, width), sample_size=64,
+    )
+
+
+def sd15_shaped_unet(cross_attention_dim: int, seed: int = 0):
+    """The SD1.x UNet layout (sd-scripts' original_unet hard-codes its widths
+    320/640/1280/1280), with a small cross-attention width. ~860M random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+    )
+
+
+SD_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def tiny_sd15_diffusers(folder: Path, tokenizer_folder: Path) -> Path:
+    """A diffusers StableDiffusionPipeline folder sd-scripts' train_network.py loads
+    (tokenizer loaded separately, from `tokenizer_folder`)."""
+    from diffusers import DDIMScheduler
+
+    vocab = tiny_clip_tokenizer(tokenizer_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text_encoder = tiny_clip_text_model(vocab)
+    text_encoder.save_pretrained(str(folder / "text_encoder"))
+    tiny_vae().save_pretrained(str(folder / "vae"))
+    sd15_shaped_unet(text_encoder.config.hidden_size).to(torch.float16).save_pretrained(str(folder / "unet"))
+    DDIMScheduler.from_config(SD_SCHEDULER).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.32.1",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": [None, None], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
+def tiny_unet(cross_attention_dim: int, seed: int = 0):
+    """A small diffusers UNet2DConditionModel with cross-attention (OneTrainer uses diffusers' class itself)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+    )
+
+
+def tiny_sd15_full_diffusers(folder: Path) -> Path:
+    """A complete small diffusers SD1.x folder, tokenizer included (what OneTrainer loads)."""
+    from diffusers import DDIMScheduler
+
+    vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    text_encoder = tiny_clip_text_model(vocab)
+    text_encoder.save_pretrained(str(folder / "text_encoder"))
+    tiny_vae().save_pretrained(str(folder / "vae"))
+    tiny_unet(text_encoder.config.hidden_size).save_pretrained(str(folder / "unet"))
+    DDIMScheduler.from_config(SD_SCHEDULER).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.32.1",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
+def tiny_dinov2_folder(folder: Path, image_size: int = 224) -> Path:
+    """A 4-block random DINOv2 saved like a downloaded one (config.json + weights)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                          patch_size=14, image_size=image_size)
+    Dinov2Model(config).save_pretrained(str(folder))
+    return folder
+
+
+def tiny_image_folder(folder: Path, count: int = 4, size: int = 64, caption: str = "a photo of stripes") -> Path:
+    """sd-scripts' DreamBooth layout `<folder>/<repeats>_<name>/*.png` + captions: seeded colour stripes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sub = folder / "1_stripes"
+    sub.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colours = rng.integers(0, 256, size=(4, 3), dtype=np.uint8)
+        image = np.repeat(colours, size // 4, axis=0)[:, None, :].repeat(size, axis=1)
+        Image.fromarray(np.ascontiguousarray(np.rot90(image, i))).save(sub / f"{i}.png")
+        (sub / f"{i}.txt").write_text(caption)
+    return folder

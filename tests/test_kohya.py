@@ -1,0 +1,391 @@
+"""adt_plugin.kohya against a faithful stand-in of sd-scripts' NetworkTrainer
+(tests/standins/sd_scripts.py mirrors train_network.py @ 48d368fa)."""
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from standins import sd_scripts
+from tiny import DDPM_CONFIG, tiny_dinov2
+
+from adt_plugin import AdtSettings, SettingsError
+from adt_plugin.checkpoint import CheckpointMismatch
+from adt_plugin.kohya import launch
+from adt_plugin.kohya.args import add_adt_arguments, settings_from_args
+from adt_plugin.kohya.families import FAMILIES, KohyaContext, family_for_script
+from adt_plugin.kohya.trainer import STATE_FILE, check_args, make_trainer_class
+
+SD = FAMILIES["sd"]
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    from integration.tiny_models import tiny_dinov2_folder
+
+    return tiny_dinov2_folder(tmp_path_factory.mktemp("dinov2"))
+
+
+@pytest.fixture(autouse=True)
+def small_backbone(request, monkeypatch):
+    """The trainer loads DINOv2 from --adt_backbone_path (exercised by the tests that
+    ask for `real_backbone`); elsewhere a 16-pixel one keeps the suite fast."""
+    if "real_backbone" in request.fixturenames:
+        return
+    from adt_plugin.kohya import trainer as kohya_trainer
+
+    real = kohya_trainer.build_strategy
+    monkeypatch.setattr(kohya_trainer, "build_strategy",
+                        lambda settings, config, device=None: real(settings, config, backbone=tiny_dinov2(settings.taps), device=device))
+
+
+def models(seed=0):
+    from integration.tiny_models import tiny_vae
+
+    torch.manual_seed(seed)
+    return sd_scripts.TinyTextEncoder(), tiny_vae(seed, width=8), sd_scripts.TinyUNet()
+
+
+def batches(n, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    tok = sd_scripts.TokenizeStrategy()
+    return [
+        {"latents": torch.randn(1, 4, 4, 4, generator=gen), "input_ids_list": tok.tokenize(f"a cat {i}"),
+         "loss_weights": torch.ones(1)}
+        for i in range(n)
+    ]
+
+
+def adt_args(dinov2, tmp_path, **kw):
+    adt = dict(adt_backbone_path=str(dinov2), adt_taps=[1, 3], adt_head_channels=8, adt_num_inference_steps=3,
+               adt_g_every=2, adt_k_graph_steps=1, adt_guidance_scale=2.0, adt_d_lr=1e-3, adt_g_warmup_steps=0,
+               adt_d_warmup_steps=0)
+    adt.update({k: v for k, v in kw.items() if k.startswith("adt_")})
+    rest = {k: v for k, v in kw.items() if not k.startswith("adt_")}
+    rest.setdefault("batches", batches(rest.get("max_train_steps", 4)))
+    return sd_scripts.default_args(output_dir=str(tmp_path), models=models(), **rest, **adt)
+
+
+def run(args, base=sd_scripts.NetworkTrainer):
+    trainer = make_trainer_class(base, SD)()
+    trainer.train(args)
+    return trainer
+
+
+def lora(path):
+    return {k: v for k, v in load_file(str(path)).items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def real_backbone():
+    """Marks a test that loads DINOv2 from its folder like a user's run."""
+
+
+# -- the loop: generator steps only every g_every-th iteration -----------------------------
+def test_discriminator_only_iterations_leave_the_lora_bit_identical(dinov2, tmp_path, real_backbone):
+    trainer = run(adt_args(dinov2, tmp_path, save_every_n_steps=1))
+    steps = [lora(tmp_path / f"lora-step{i:08d}.safetensors") for i in range(1, 5)]
+    assert torch.count_nonzero(steps[0]["unet_loras.0.lora_up.weight"]) == 0  # iteration 1: D only, still the init
+    assert not same(steps[0], steps[1])  # iteration 2 updates the generator
+    assert same(steps[1], steps[2])  # iteration 3: D only (AdamW has momentum and weight decay by now)
+    assert not same(steps[2], steps[3])
+    assert trainer.adt_gate.taken == 2 and trainer.adt_gate.skipped == 2
+    # sd-scripts' loss curve keeps showing the diffusion loss; ADT's scalars reach its trackers
+    logs = trainer.tracker_logs
+    assert [round(v, 5) for v in trainer.losses] == [round(entry["loss/diff"], 5) for entry in logs]
+    assert {"loss/D", "D/real", "D/fake", "lr/D"} <= logs[0].keys() and "loss/G" in logs[1]
+    assert logs[-1]["adt/generator_steps"] == 2.0
+
+
+def test_ft_strategy_updates_every_iteration_and_writes_no_discriminator(dinov2, tmp_path):
+    trainer = run(adt_args(dinov2, tmp_path, adt_strategy="ft", save_every_n_steps=1, max_train_steps=2))
+    assert not same(lora(tmp_path / "lora-step00000001.safetensors"), lora(tmp_path / "lora-step00000002.safetensors"))
+    assert trainer.adt_gate.skipped == 0
+    assert not list(tmp_path.glob("*.adt_disc.safetensors"))
+
+
+def test_gradient_accumulation_keeps_windows_whole(dinov2, tmp_path):
+    # 2 micro-batches per step, g_every 2: micro-batches 0,1 D-only, 2,3 generator, ...
+    trainer = run(adt_args(dinov2, tmp_path, gradient_accumulation_steps=2, max_train_steps=2, batches=batches(4)))
+    assert trainer.adt_gate.skipped == 1 and trainer.adt_gate.taken == 1
+    assert trainer.adt_runner.strategy.step == 4
+
+
+# -- files: beside every LoRA, pruned with it, in every state, restored on resume ---------------
+def test_discriminator_beside_every_lora_and_pruned_with_it(dinov2, tmp_path):
+    run(adt_args(dinov2, tmp_path, save_every_n_steps=1, save_last_n_steps=1, max_train_steps=4))
+    names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert names == [
+        "lora-step00000003.adt_disc.safetensors", "lora-step00000003.safetensors",
+        "lora-step00000004.adt_disc.safetensors", "lora-step00000004.safetensors",
+        "lora.adt_disc.safetensors", "lora.safetensors",
+    ]
+
+
+def test_resume_is_exact(dinov2, tmp_path):
+    data = batches(4)
+    full = run(adt_args(dinov2, tmp_path / "full", save_every_n_steps=2, save_state=True, batches=data))
+    state = tmp_path / "full" / "lora-step00000002-state"
+    assert (state / STATE_FILE).exists()
+    resumed = run(adt_args(dinov2, tmp_path / "resumed", resume=str(state), batches=data[2:], max_train_steps=2))
+    assert resumed.adt_runner.strategy.step == 4
+    assert same(lora(tmp_path / "full" / "lora.safetensors"), lora(tmp_path / "resumed" / "lora.safetensors"))
+    assert same(lora(tmp_path / "full" / "lora.adt_disc.safetensors"), lora(tmp_path / "resumed" / "lora.adt_disc.safetensors"))
+    assert full.losses[2:] == resumed.losses
+
+
+def test_resuming_a_state_without_adt_starts_a_fresh_discriminator(dinov2, tmp_path, caplog):
+    plain = sd_scripts.default_args(output_dir=str(tmp_path / "plain"), models=models(), batches=batches(2),
+                                    max_train_steps=2, save_every_n_steps=2, save_state=True)
+    sd_scripts.NetworkTrainer().train(plain)
+    state = tmp_path / "plain" / "lora-step00000002-state"
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
+        trainer = run(adt_args(dinov2, tmp_path / "adt", resume=str(state), max_train_steps=2))
+    assert any("fresh discriminator" in r.message for r in caplog.records)
+    assert trainer.adt_runner.strategy.step == 2
+
+
+def test_resuming_with_another_discriminator_layout_fails_clearly(dinov2, tmp_path):
+    run(adt_args(dinov2, tmp_path / "a", max_train_steps=2, save_every_n_steps=2, save_state=True))
+    state = tmp_path / "a" / "lora-step00000002-state"
+    with pytest.raises(CheckpointMismatch, match="cannot resume ADT from .*channels"):
+        run(adt_args(dinov2, tmp_path / "b", resume=str(state), adt_head_channels=16, max_train_steps=2))
+
+
+def test_network_weights_bring_their_discriminator(dinov2, tmp_path, capsys):
+    run(adt_args(dinov2, tmp_path / "a", max_train_steps=2))
+    weights = tmp_path / "a" / "lora.safetensors"
+    trainer = run(adt_args(dinov2, tmp_path / "b", network_weights=str(weights), max_train_steps=2))
+    assert "discriminator restored from" in capsys.readouterr().out
+    assert trainer.adt_runner.strategy.step == 4
+
+
+def test_empty_prompt_is_reencoded_only_when_the_text_encoder_trains(dinov2, tmp_path, monkeypatch):
+    calls = []
+    original = sd_scripts.TextEncodingStrategy.encode_tokens
+    monkeypatch.setattr(sd_scripts.TextEncodingStrategy, "encode_tokens",
+                        lambda self, ts, models, tokens: calls.append(tokens[0].shape[0]) or original(self, ts, models, tokens))
+    run(adt_args(dinov2, tmp_path / "frozen", network_train_unet_only=True, max_train_steps=2))
+    frozen = len(calls)
+    calls.clear()
+    run(adt_args(dinov2, tmp_path / "trained", network_train_unet_only=False, max_train_steps=2))
+    assert frozen == 1 + 2  # the empty prompt once, then the batches' captions
+    assert len(calls) == 1 + 2 * 2  # the empty prompt again for every rollout
+
+
+# -- the --adt_* options ----------------------------------------------------------------------
+def parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int)
+    add_adt_arguments(p)
+    return p
+
+
+def test_every_settings_field_is_an_option_and_parses():
+    p = parser()
+    flags = {a.dest for a in p._actions}
+    assert {f"adt_{f.name}" for f in dataclasses.fields(AdtSettings)} <= flags
+    args = p.parse_args(["--adt_taps", "1", "2", "--adt_gradient_checkpointing", "--adt_lambda_diff", "0.25",
+                         "--adt_sampler", "dpmsolver++", "--adt_g_every", "3"])
+    s = settings_from_args(args)
+    assert s.taps == (1, 2) and s.gradient_checkpointing is True and s.lambda_diff == 0.25
+    assert s.sampler == "dpmsolver++" and s.g_every == 3 and s.seed == 0
+    assert settings_from_args(p.parse_args(["--adt_gradient_checkpointing", "false"])).gradient_checkpointing is False
+
+
+def test_family_defaults_yield_to_given_values():
+    p = parser()
+    sd3 = FAMILIES["sd3"]
+    assert settings_from_args(p.parse_args([]), sd3.defaults).sampler == "flow_euler"
+    given = settings_from_args(p.parse_args(["--adt_num_inference_steps", "10"]), sd3.defaults)
+    assert given.num_inference_steps == 10 and given.sampler == "flow_euler"
+    assert settings_from_args(p.parse_args([]), FAMILIES["sdxl"].defaults).guidance_scale == 5.0
+
+
+def test_toml_keys_are_checked():
+    # sd-scripts' read_config_from_file puts every TOML key on the namespace, unchecked
+    args = parser().parse_args([], namespace=argparse.Namespace(adt_lamda_diff=0.3))
+    with pytest.raises(SettingsError, match="did you mean 'adt_lambda_diff'"):
+        settings_from_args(args)
+    args = parser().parse_args([], namespace=argparse.Namespace(adt_g_every="5"))
+    with pytest.raises(SettingsError, match="'g_every' must be an integer"):
+        settings_from_args(args)
+    args = parser().parse_args([], namespace=argparse.Namespace(adt_taps=[2, 5], adt_tau=0.9))
+    assert settings_from_args(args).taps == (2, 5)
+
+
+def test_check_args_refuses_and_warns(caplog):
+    s = AdtSettings()
+    with pytest.raises(ValueError, match="deepspeed"):
+        check_args(sd_scripts.default_args(deepspeed=True), s)
+    with pytest.raises(ValueError, match="blocks_to_swap"):
+        check_args(sd_scripts.default_args(blocks_to_swap=4), s)
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
+        check_args(sd_scripts.default_args(min_snr_gamma=5.0, loss_type="huber"), s)
+    assert "min_snr_gamma" in caplog.text and "loss_type=huber" in caplog.text
+
+
+# -- launching (kohya_ss GUI command lines) -------------------------------------------------
+GUI_TAIL = ["--mixed_precision", "fp16", "--num_processes", "1", "--num_machines", "1",
+            "--num_cpu_threads_per_process", "2"]
+
+
+def fake_sd_scripts(root: Path) -> Path:
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "train_util.py").write_text("")
+    for family in FAMILIES.values():
+        (root / family.script).write_text("")
+    return root
+
+
+def test_gui_launch_options_after_our_module_are_applied(tmp_path, monkeypatch):
+    root = fake_sd_scripts(tmp_path / "sd-scripts")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    argv = GUI_TAIL + [str(root / "sdxl_train_network.py"), "--config_file", "c.toml", "--adt_g_every", "5"]
+    options, rest = launch.split_accelerate_options(argv)
+    assert options["--mixed_precision"] == "fp16" and rest[0].endswith("sdxl_train_network.py")
+    launch.apply_accelerate_options(options)
+    import os
+
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "fp16"
+    family, found, script_args = launch.resolve(rest, None)
+    assert family.name == "sdxl" and found == root.resolve() and script_args == ["--config_file", "c.toml", "--adt_g_every", "5"]
+
+
+def test_launch_refusals(tmp_path):
+    with pytest.raises(SystemExit, match="multi-GPU"):
+        launch.apply_accelerate_options(launch.split_accelerate_options(["--multi_gpu", "--num_processes", "2"])[0])
+    with pytest.raises(SystemExit, match="not an sd-scripts checkout"):
+        launch.resolve([str(tmp_path / "train_network.py")], None)
+    with pytest.raises(SystemExit, match="not an sd-scripts LoRA training script"):
+        launch.resolve([str(tmp_path / "flux_train_network.py")], None)
+    root = fake_sd_scripts(tmp_path / "sd-scripts")
+    with pytest.raises(SystemExit, match="trains SDXL, but this entry point is for SD3"):
+        launch.resolve([str(root / "sdxl_train_network.py")], "sd3")
+    family, found, rest = launch.resolve(["--sd_scripts", str(root), "--resolution", "512"], "sd3")
+    assert family.name == "sd3" and rest == ["--resolution", "512"]
+    assert family_for_script("x/sd3_train_network.py").name == "sd3"
+
+
+# -- family specifics -------------------------------------------------------------------------
+def test_rollout_scheduler_follows_the_run():
+    trainer = sd_scripts.NetworkTrainer()
+    eps = SD.scheduler_config(trainer, sd_scripts.default_args())
+    assert eps["prediction_type"] == "epsilon" and eps["beta_schedule"] == "scaled_linear" and eps["steps_offset"] == 1
+    v = SD.scheduler_config(trainer, sd_scripts.default_args(v_parameterization=True, zero_terminal_snr=True))
+    assert v["prediction_type"] == "v_prediction" and v["rescale_betas_zero_snr"] is True
+    assert {k: eps[k] for k in ("beta_start", "beta_end", "num_train_timesteps")} == {
+        k: DDPM_CONFIG[k] for k in ("beta_start", "beta_end", "num_train_timesteps")}
+    assert "FlowMatch" in FAMILIES["sd3"].scheduler_config(None, None)["_class_name"]
+
+
+class _Accel:
+    device = torch.device("cpu")
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_sdxl_size_conditioning_reaches_call_unet():
+    seen = {}
+
+    class SdxlStandIn:  # SdxlNetworkTrainer.call_unet(args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype, indices=None)
+        def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype, indices=None):
+            seen.update(batch=batch, text=len(text_conds))
+            return noisy_latents * 2
+
+    family = FAMILIES["sdxl"]
+    ctx = KohyaContext(SdxlStandIn(), sd_scripts.default_args(), _Accel(), None, torch.float32)
+    sizes = {k: torch.tensor([[64, 64]]) for k in family.batch_keys}
+    cond = family.pack_cond(ctx, [torch.ones(1, 3, 8), torch.ones(1, 3, 4), torch.ones(1, 4)], sizes)
+    out = family.denoise(ctx, torch.ones(1, 4, 8, 8), torch.tensor([10]), cond)
+    assert torch.equal(out, torch.full((1, 4, 8, 8), 2.0)) and seen["text"] == 3
+    assert set(seen["batch"]) == set(family.batch_keys)
+
+
+def test_sd3_conditioning_is_concatenated_as_sd_scripts_does():
+    class Sd3Strategy:  # library/strategy_sd3.py Sd3TextEncodingStrategy.concat_encodings
+        def concat_encodings(self, lg_out, t5_out, lg_pooled):
+            lg_out = torch.nn.functional.pad(lg_out, (0, 4096 - lg_out.shape[-1]))
+            return torch.cat([lg_out, t5_out], dim=-2), lg_pooled
+
+    calls = {}
+
+    def mmdit(x, t, context=None, y=None):  # sd3_models.MMDiT.forward(x, t, y=None, context=None)
+        calls.update(t=t, context=context.shape, y=y.shape)
+        return x
+
+    family = FAMILIES["sd3"]
+    ctx = KohyaContext(None, sd_scripts.default_args(), _Accel(), mmdit, torch.float32, text_encoding_strategy=Sd3Strategy())
+    cond = family.pack_cond(ctx, [torch.ones(1, 77, 2048), torch.ones(1, 5, 4096), torch.ones(1, 2048), None, None, None], {})
+    family.denoise(ctx, torch.ones(1, 16, 4, 4), torch.tensor([500.0]), cond)
+    assert calls["context"] == (1, 82, 4096) and calls["y"] == (1, 2048) and calls["t"].dtype == torch.float32
+
+
+# -- the launcher end to end, on a stand-in sd-scripts tree -------------------------------------
+FAKE_TRAIN_UTIL = '''
+# library/train_util.py @ 48d368fa: read_config_from_file flattens the TOML's sections and
+# parses sys.argv again on top of it (command-line values win).
+import argparse, os, toml
+
+def verify_command_line_training_args(args):
+    pass
+
+def read_config_from_file(args, parser):
+    if not args.config_file:
+        return args
+    config = toml.load(args.config_file)
+    flat = {}
+    for name, section in config.items():
+        flat.update(section if isinstance(section, dict) else {name: section})
+    args = parser.parse_args(namespace=argparse.Namespace(**flat))
+    args.config_file = os.path.splitext(args.config_file)[0]
+    return args
+'''
+
+FAKE_TRAIN_NETWORK = '''
+import argparse
+SEEN = {}
+
+def setup_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config_file")
+    parser.add_argument("--output_dir")
+    parser.add_argument("--learning_rate", type=float)
+    return parser
+
+class NetworkTrainer:
+    def train(self, args):
+        SEEN["args"] = args
+'''
+
+
+def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monkeypatch):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "__init__.py").write_text("")
+    (root / "library" / "train_util.py").write_text(FAKE_TRAIN_UTIL)
+    (root / "train_network.py").write_text(FAKE_TRAIN_NETWORK)
+    config = tmp_path / "lora.toml"
+    config.write_text('[training]\nlearning_rate = 0.001\n[adt]\nadt_g_every = 3\nadt_lambda_diff = 0.25\n')
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    for name in ("train_network", "library", "library.train_util"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    # what the kohya_ss GUI hands over after `-m adt_plugin.kohya.launch`
+    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4"]
+    monkeypatch.setattr("sys.argv", ["adt_plugin.kohya.launch", *argv])
+    assert launch.main() == 0
+    import train_network
+
+    args = train_network.SEEN["args"]
+    assert args.learning_rate == 0.001 and args.output_dir == "out"
+    assert args.adt_g_every == 4 and args.adt_lambda_diff == 0.25  # the command line wins over the TOML

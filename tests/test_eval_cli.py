@@ -139,4 +139,19 @@ def test_adt_eval_reports_a_bad_argument_without_a_traceback(workspace, tmp_path
     assert main(["eval", "--prompts", prompts, "--models", f"a={workspace / 'sd'}", "--out", str(tmp_path), "--ref", str(tmp_path / "none")]) == 2
     assert "image folder" in capsys.readouterr().out and not (tmp_path / "images").exists()
     assert main(["eval", "--prompts", prompts, "--models", f"a={tmp_path}", "--out", str(tmp_path / "o")]) == 2
-    assert "no diffusers model folder (model_index.json)" in capsys.readouterr().out
+    assert "is not a diffusers pipeline folder (no model_index.json)" in capsys.readouterr().out
+
+
+def test_adt_eval_reads_a_single_file_checkpoint_like_its_folder(workspace, tmp_path, capsys):
+    """Single files go through the trainer's offline loader; --config-dir gives the configs."""
+    from tiny_pipelines import write_sd1_single_file
+
+    single = write_sd1_single_file(workspace / "sd", tmp_path / "base.safetensors")
+    common = ["eval", "--prompts", str(workspace / "prompts.txt"), "--seeds", "0", "--steps", "2", "--cfg", "3"]
+    assert main([*common, "--models", f"file={single}", "--config-dir", str(workspace / "sd"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--models", f"folder={workspace / 'sd'}", "--out", str(tmp_path / "b")]) == 0
+    from_file = sorted((tmp_path / "a" / "images" / "file").glob("*.png"))
+    from_folder = sorted((tmp_path / "b" / "images" / "folder").glob("*.png"))
+    assert len(from_file) == len(from_folder) == 2
+    for a, b in zip(from_file, from_folder):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

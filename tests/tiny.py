@@ -5,19 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DDPM_CONFIG = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
-FLOW_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+from adt_plugin.selfcheck import DDPM_EPS as DDPM_CONFIG  # SD1.5's scheduler config
+from adt_plugin.selfcheck import FLOW as FLOW_CONFIG  # SD3's
 
 
 class TinyDenoiser(nn.Module):

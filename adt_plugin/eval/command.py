@@ -23,9 +23,15 @@ def add_arguments(parser) -> None:
         "--models",
         required=True,
         help="NAME=MODEL[+LORA[@SCALE]],... e.g. base=./sd15,ft=./sd15+ft.safetensors,adt=./sd15+adt.safetensors@0.8; "
-        "MODEL is a diffusers folder",
+        "MODEL is a diffusers folder or a single-file .safetensors checkpoint",
     )
-    g.add_argument("--base-model", help="diffusers folder used where an entry names no MODEL (ft=+ft.safetensors)")
+    g.add_argument("--base-model", help="model used where an entry names no MODEL (ft=+ft.safetensors)")
+    g.add_argument(
+        "--config-dir",
+        default="",
+        help="for single-file checkpoints: a local diffusers folder of the same model (its configs and tokenizers; "
+        "default: the model's repository in the local Hugging Face cache)",
+    )
     g.add_argument("--ref", help="folder of real images for FID / KID / FD-DINOv2 (skipped without it)")
     g.add_argument("--out", required=True, help="output folder (re-running with the same folder resumes)")
     s = parser.add_argument_group("sampling (identical for every model)")
@@ -141,7 +147,10 @@ def _run(args) -> int:
                 return 2
             continue
         with tqdm(total=len(jobs[spec.name]), initial=done, desc=f"generate {spec.name}", unit="img") as bar:
-            made = generate_model(spec, jobs[spec.name], settings, device, dtype, args.batch_size, progress=bar.update)
+            made = generate_model(
+                spec, jobs[spec.name], settings, device, dtype, args.batch_size, progress=bar.update,
+                config_dir=args.config_dir,
+            )
         print(f"{spec.name}: {made} generated, {len(jobs[spec.name]) - made} reused")
 
     folders = args.metrics_dir or ([os.environ["ADT_METRICS_DIR"]] if os.environ.get("ADT_METRICS_DIR") else [])

@@ -1,7 +1,8 @@
 """Generate the images `adt eval` compares: every model, the same prompts, seeds,
 sampler and guidance; the same starting noise per seed.
 
-A model is a diffusers folder (model_index.json) plus an optional LoRA file
+A model is a diffusers folder or a single-file checkpoint (loaded offline by
+the trainer's loader, `adt_plugin.train.loading`) plus an optional LoRA file
 (kohya or diffusers keys; diffusers' `load_lora_weights` reads both). Each image
 is written atomically with its generation record in the PNG (`adt_eval` text
 chunk); a later run reuses an image only if that record matches what it would
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -148,27 +148,20 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
-def load_pipeline(spec: ModelSpec, device, dtype, sampler: str, steps: int):
-    """A diffusers pipeline from a local folder, with the LoRA applied and the
-    sampler built from the model's own scheduler config."""
-    from diffusers import DiffusionPipeline
-
+def load_pipeline(spec: ModelSpec, device, dtype, sampler: str, steps: int, config_dir: str = ""):
+    """A diffusers pipeline from a local folder or single-file checkpoint (through the
+    trainer's offline loader), with the LoRA applied and the sampler built from the
+    model's own scheduler config."""
     from ..samplers import build_scheduler
+    from ..train.config import ModelConfig
+    from ..train.loading import ModelLoadError, detect_family
+    from ..train.loading import load_pipeline as load_local
 
-    folder = Path(os.path.expanduser(spec.model_path))
-    index = folder / "model_index.json"
-    if not index.is_file():
-        hint = (
-            " It is a single file: adt eval reads diffusers model folders; convert it once with diffusers' "
-            "`StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)` (or the SDXL / SD3 pipeline)."
-            if folder.is_file()
-            else ""
-        )
-        raise FileNotFoundError(f"model {spec.name!r}: no diffusers model folder (model_index.json) at {folder}.{hint}")
-    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in json.loads(index.read_text()) else {}
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; 0.32 knows only torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
+    model = ModelConfig(path=spec.model_path, config_dir=config_dir)
+    try:
+        pipe = load_local(model, detect_family(model), dtype)
+    except ModelLoadError as err:
+        raise FileNotFoundError(f"model {spec.name!r}: {err}") from err
     if spec.lora_path:
         lora = Path(os.path.expanduser(spec.lora_path))
         if not lora.is_file():
@@ -200,12 +193,13 @@ def generate_model(
     dtype,
     batch_size: int = 4,
     progress: Optional[Callable[[int], None]] = None,
+    config_dir: str = "",
 ) -> int:
     """Generate the jobs not done yet; return how many were generated."""
     todo = [job for job in jobs if not is_done(job)]
     if not todo:
         return 0
-    pipe = load_pipeline(spec, device, dtype, settings.sampler, settings.steps)
+    pipe = load_pipeline(spec, device, dtype, settings.sampler, settings.steps, config_dir)
     shape, width, height = latent_shape(pipe, settings.width, settings.height)
     by_prompt: dict[int, list[ImageJob]] = {}
     for job in todo:

@@ -134,6 +134,9 @@ def load_pipeline(config: ModelConfig, family: str, dtype: torch.dtype = torch.f
         absent = {
             name: None for name in ("text_encoder_3", "tokenizer_3") if family == "sd3" and not (path / name).is_dir()
         }
+        if "safety_checker" in json.loads((path / "model_index.json").read_text()):
+            # never needed here: loading it costs a 1.2 GB CLIP and it would black out samples
+            absent.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(str(path), local_files_only=True, **absent, **dtype_kwargs(dtype))
     else:
         folder = config_folder_for(config, family)

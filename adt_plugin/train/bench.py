@@ -27,6 +27,7 @@ a DINOv2 discriminator backbone. Printed:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -399,6 +400,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--method", choices=["full", "lora"], default=None, help="default: full (sdxl on a GPU: lora)")
     parser.add_argument("--batch", type=int, default=None, help="default: 2 (tiny: 4)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="pixels (default: the model's: tiny 64, sd15 512, sdxl 1024)"
+    )
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="inference steps of the rollout's sampler")
     parser.add_argument("--guidance", type=float, default=7.0)
@@ -424,8 +428,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     names = (["sd15", "sdxl"] if device.type == "cuda" else ["tiny"]) if args.model == "auto" else [args.model]
     if args._memory_phase:
-        model = MODELS[names[0]]
-        _defaults(args, model, device)
+        model = _defaults(args, MODELS[names[0]], device)
         print(json.dumps({"bytes": memory_phase(args, model, device, args._memory_phase)}))
         return 0
     if device.type != "cuda":
@@ -433,9 +436,11 @@ def run(args) -> int:
             "no CUDA device: measuring the tiny model on the CPU; the SD1.5 (512 px) and SDXL (1024 px) numbers "
             "need a GPU and were not measured"
         )
+    asked = {k: getattr(args, k) for k in ("method", "batch", "resolution")}
     for name in names:
-        model = MODELS[name]
-        _defaults(args, model, device)
+        for key, value in asked.items():  # each model gets its own defaults, not the previous model's
+            setattr(args, key, value)
+        model = _defaults(args, MODELS[name], device)
         args.forward_args = [
             "--model",
             name,
@@ -445,6 +450,8 @@ def run(args) -> int:
             args.method,
             "--batch",
             str(args.batch),
+            "--resolution",
+            str(args.resolution),
             "--sampler",
             args.sampler,
             "--steps",
@@ -470,11 +477,14 @@ def run(args) -> int:
     return 0
 
 
-def _defaults(args, model: BenchModel, device) -> None:
+def _defaults(args, model: BenchModel, device) -> BenchModel:
     if args.method is None:
         args.method = "lora" if model.sdxl and device.type == "cuda" else "full"
     if args.batch is None:
         args.batch = 4 if model.name == "tiny" else 2
+    if args.resolution is None:
+        args.resolution = model.resolution
+    return dataclasses.replace(model, resolution=args.resolution)
 
 
 def report(name, model, device, args, r, ft_mem, adt_mem) -> None:

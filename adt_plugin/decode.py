@@ -38,3 +38,22 @@ class LatentDecoder(nn.Module):
         dtype = next(self.vae.parameters()).dtype
         z = latents.to(dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample
+
+
+def load_tiny_decoder(path: str, device=None) -> LatentDecoder:
+    """A tiny autoencoder's decoder from a local diffusers `AutoencoderTiny` folder
+    (TAESD for SD1.x/2.x, TAESDXL for SDXL, TAESD3 for SD3)."""
+    import os
+    from pathlib import Path
+
+    from diffusers import AutoencoderTiny
+
+    folder = Path(os.path.expanduser(path))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"decoder_path {folder} is not a diffusers AutoencoderTiny folder (config.json + weights); nothing is "
+            f"downloaded at run time. Get one once, e.g. `huggingface-cli download madebyollin/taesd --local-dir "
+            f"./taesd` (madebyollin/taesdxl for SDXL, madebyollin/taesd3 for SD3), or leave decoder_path empty to "
+            f"decode with the model's VAE."
+        )
+    return LatentDecoder(AutoencoderTiny.from_pretrained(str(folder), local_files_only=True)).to(device)

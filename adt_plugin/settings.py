@@ -35,6 +35,11 @@ class AdtSettings:
     g_every: int = 5  # H: the generator loss is returned every H-th iteration
     lambda_diff: float = 0.5
     g_warmup_steps: int = 500
+    # Decode for the discriminator with a tiny autoencoder (a local AutoencoderTiny
+    # folder: TAESD / TAESDXL / TAESD3) instead of the model's VAE. The generator's
+    # backward through the full VAE decoder is the largest memory cost of an ADT
+    # iteration; empty: the model's VAE, as in the paper.
+    decoder_path: str = ""
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2

@@ -139,3 +139,23 @@ def test_settings_reject_unknown_keys_and_wrong_types_naming_the_closest_key():
     s = AdtSettings.from_mapping({"taps": [1, 2], "lambda_diff": 2})
     assert s.taps == (1, 2) and s.lambda_diff == 2.0
     assert AdtSettings.from_mapping(s.to_dict()) == s
+
+
+def test_decoder_path_decodes_with_a_tiny_autoencoder_instead_of_the_models_vae(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1), latent_channels=4,
+    ).save_pretrained(tmp_path / "taesd")
+    model = GraphAuditAdapter(TinyDenoiser(), DDPM_CONFIG)
+    decoded = []
+    model.decode = lambda latents: decoded.append(latents) or latents[:, :3]
+    strategy = build_strategy(settings(g_every=1, decoder_path=str(tmp_path / "taesd")), DDPM_CONFIG, backbone=tiny_dinov2())
+    out = strategy(model, batch())
+    assert decoded == [] and strategy.decoder is not None  # the model's own decode was never called
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.net.parameters())  # the gradient went through the tiny decoder
+    with pytest.raises(FileNotFoundError, match="not a diffusers AutoencoderTiny folder.*madebyollin/taesd"):
+        build_strategy(settings(decoder_path=str(tmp_path / "nope")), DDPM_CONFIG, backbone=tiny_dinov2())

@@ -35,7 +35,12 @@ def build_strategy(
 
         if backbone is None:
             backbone = backbone_loader() if backbone_loader else load_dinov2(settings.backbone_path, settings.taps)
-        return AdtStrategy(scheduler_config, settings, backbone.to(device), device=device)
+        decoder = None
+        if settings.decoder_path:
+            from ..decode import load_tiny_decoder
+
+            decoder = load_tiny_decoder(settings.decoder_path, device)
+        return AdtStrategy(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder)
     raise ValueError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
 
 

@@ -38,10 +38,12 @@ class AdtStrategy(LossStrategy):
         settings: AdtSettings,
         backbone: torch.nn.Module,
         device: Any = None,
+        decoder: Optional[torch.nn.Module] = None,
     ):
         super().__init__(settings.seed)
         self.settings = settings
         self.rollout = Rollout(scheduler_config, settings.rollout_config(), device=device)
+        self.decoder = decoder  # None: the model adapter's own decode
         self.disc: Discriminator = build_discriminator(backbone, settings.discriminator_config()).to(device)
         self.d_optimizer = torch.optim.AdamW(
             self.disc.trainable_parameters(), lr=settings.d_lr, weight_decay=settings.d_weight_decay
@@ -68,10 +70,11 @@ class AdtStrategy(LossStrategy):
         result = self.rollout.run(model, x_start, batch.cond, plan, grad_mode=None if g_step else "off")
         l_diff = diffusion_loss(result.first_prediction, self.rollout.target(x0, noise, plan))
 
+        decode = self.decoder or model.decode
         with torch.no_grad():
-            real = model.decode(x0)
+            real = decode(x0)
         with torch.set_grad_enabled(g_step):
-            fake = model.decode(result.sample)
+            fake = decode(result.sample)
 
         disc = self.disc
         with torch.no_grad():

@@ -183,7 +183,14 @@ class BenchAdapter:
 
 
 def build(
-    model: BenchModel, device, batch: int, method: str, autocast_dtype, seed: int = 0, checkpointing: bool = True
+    model: BenchModel,
+    device,
+    batch: int,
+    method: str,
+    autocast_dtype,
+    seed: int = 0,
+    checkpointing: bool = True,
+    tiny_decoder: bool = False,
 ):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
@@ -223,7 +230,12 @@ def build(
             dtype=torch.float32,
             device=device,
         )
-    decoder = LatentDecoder(vae, gradient_checkpointing=checkpointing)  # the VAE's own, as adt train sets it
+    if tiny_decoder:  # TAESD's architecture (diffusers' AutoencoderTiny defaults), as `decoder_path` would load
+        from diffusers import AutoencoderTiny
+
+        decoder = LatentDecoder(AutoencoderTiny().to(device))
+    else:
+        decoder = LatentDecoder(vae, gradient_checkpointing=checkpointing)  # the VAE's own, as adt train sets it
     adapter = BenchAdapter(unet, decoder, model, cond, autocast_dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     return adapter, backbone, optimizer, params, x0, cond
@@ -280,7 +292,8 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
 
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     adapter, backbone, optimizer, params, x0, cond = build(
-        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing
+        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
+        args.decoder == "tiny",
     )
     ft, adt = strategies(args, backbone, device)
     warm_optimizer(optimizer, params)
@@ -343,7 +356,8 @@ def memory_phase(args, model: BenchModel, device, phase: str) -> float:
     memory held before it (models, optimizer state, inputs)."""
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     adapter, backbone, optimizer, params, x0, cond = build(
-        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing
+        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
+        args.decoder == "tiny",
     )
     ft, adt = strategies(args, backbone, device)
     warm_optimizer(optimizer, params)
@@ -411,6 +425,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cycles", type=int, default=4, help="H-cycles to time")
     parser.add_argument("--ft_steps", type=int, default=10, help="FT steps and no-grad forwards to average")
     parser.add_argument("--no_checkpointing", action="store_true", help="keep the graph steps' activations")
+    parser.add_argument(
+        "--decoder",
+        choices=["vae", "tiny"],
+        default="vae",
+        help="decode for the discriminator with the model's VAE (default) or a tiny autoencoder (TAESD's "
+        "architecture, as AdtSettings.decoder_path would load)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument(
@@ -431,7 +452,7 @@ def run(args) -> int:
         model = _defaults(args, MODELS[names[0]], device)
         print(json.dumps({"bytes": memory_phase(args, model, device, args._memory_phase)}))
         return 0
-    if device.type != "cuda":
+    if device.type != "cuda" and args.model == "auto":
         print(
             "no CUDA device: measuring the tiny model on the CPU; the SD1.5 (512 px) and SDXL (1024 px) numbers "
             "need a GPU and were not measured"
@@ -466,6 +487,8 @@ def run(args) -> int:
             str(args.seed),
             "--threads",
             str(args.threads),
+            "--decoder",
+            args.decoder,
         ] + (["--no_checkpointing"] if args.no_checkpointing else [])
         r = time_phases(args, model, device)
         if device.type == "cuda":
@@ -493,7 +516,7 @@ def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
     print(
         f"\n{name} ({model.resolution} px, batch {args.batch}, {args.method}) on {device.type}; "
         f"{args.sampler} {args.steps} steps, CFG {args.guidance}, K {args.k}, H {args.g_every}, "
-        f"graph-step checkpointing {ckpt}"
+        f"graph-step checkpointing {ckpt}, decoder {args.decoder}"
     )
     print(f"  FT step                          {r['ft_step_s'] * 1000:9.1f} ms")
     print(f"  ADT iteration (H-cycle average)  {r['adt_iteration_s'] * 1000:9.1f} ms")

@@ -46,6 +46,11 @@ class AdtSettings:
     d_lr: float = 5e-6
     d_weight_decay: float = 0.01
     d_warmup_steps: int = 1000
+    # ip: extra input noise (DDPM-IP); at: adversarial input perturbation (per-element RMS norms)
+    ip_gamma: float = 0.1
+    at_steps: int = 3  # replays of the batch: delta = 0, then at_steps - 1 ascent steps
+    at_epsilon: float = 0.1  # radius of the L2 ball, ||delta|| <= at_epsilon * sqrt(numel)
+    at_step_size: float = 0.05  # each ascent step moves delta by at_step_size * sqrt(numel)
     # reproducibility of the strategy's own draws (start step, graph steps, noise, augmentation)
     seed: int = 0
 
@@ -54,7 +59,7 @@ class AdtSettings:
 
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("num_inference_steps", "g_every"):
+        for name in ("num_inference_steps", "g_every", "at_steps"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps"):
@@ -62,6 +67,9 @@ class AdtSettings:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_diff < 0 or self.d_lr <= 0:
             raise SettingsError("lambda_diff must be >= 0 and d_lr > 0")
+        for name in ("ip_gamma", "at_epsilon", "at_step_size"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
         try:  # the sub-configs validate their own fields
             self.rollout_config()

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 COMMANDS = {
     "doctor": "adt_plugin.doctor",
+    "demo": "adt_plugin.demo.cli",
 }
 
 

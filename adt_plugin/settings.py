@@ -35,6 +35,13 @@ class AdtSettings:
     g_every: int = 5  # H: the generator loss is returned every H-th iteration
     lambda_diff: float = 0.5
     g_warmup_steps: int = 500
+    # balance of the two generator terms: none = the paper's L_adv + lambda * L_diff;
+    # grad = the adversarial gradient scaled to adv_ratio x the diffusion gradient
+    adv_balance: str = "none"
+    adv_ratio: float = 1.0
+    adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
+    # the real image a rollout is scored against: self (paper) | same_cond | any
+    reference: str = "self"
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2
@@ -62,12 +69,16 @@ class AdtSettings:
         for name in ("num_inference_steps", "g_every", "at_steps"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps"):
+        for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps", "adv_warmup_steps"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_diff < 0 or self.d_lr <= 0:
             raise SettingsError("lambda_diff must be >= 0 and d_lr > 0")
-        for name in ("ip_gamma", "at_epsilon", "at_step_size"):
+        if self.adv_balance not in ("none", "grad"):
+            raise SettingsError(f"adv_balance must be 'none' or 'grad', got {self.adv_balance!r}")
+        if self.reference not in ("self", "same_cond", "any"):
+            raise SettingsError(f"reference must be one of self, same_cond, any, got {self.reference!r}")
+        for name in ("adv_ratio", "ip_gamma", "at_epsilon", "at_step_size"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))

@@ -107,30 +107,35 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
+    execute(cfg, Path(args.out), args.cache_dir, cache=not args.no_cache, progress=not args.no_progress, quick=args.quick)
+    return 0
+
+
+def execute(cfg, out: Path, cache_dir=None, cache: bool = True, progress: bool = True, quick: bool = False) -> dict:
+    """Pre-train (or reuse), fine-tune every strategy for every seed, evaluate, write the outputs."""
+    import torch
+    from tqdm.auto import tqdm
+
     from .data import make_splits
-    from .pretrain import ModelCache, pretrain
     from .experiment import run_demo, total_iterations
+    from .pretrain import ModelCache, pretrain
     from .report import write_outputs
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
     start = time.perf_counter()
     splits = make_splits()
-    cache = ModelCache(args.cache_dir, enabled=not args.no_cache)
+    model_cache = ModelCache(cache_dir, enabled=cache)
     print(
-        f"adt demo{' --quick' if args.quick else ''}: digits, base split {len(splits.base_y)}, "
+        f"adt demo{' --quick' if quick else ''}: digits, base split {len(splits.base_y)}, "
         f"{splits.shift} target train {len(splits.train_y)} / held-out test {len(splits.test_y)}; "
         f"strategies {' '.join(cfg.strategies)}; seeds {' '.join(map(str, cfg.seeds))}; "
-        f"{cfg.iters} iterations each, trained for {cfg.train_setting.label}; cache {cache.root}"
+        f"{cfg.iters} iterations each, trained for {cfg.train_setting.label}; cache {model_cache.root}"
     )
     t0 = time.perf_counter()
-    pre = pretrain(splits, cfg.pretrain, cache, progress=progress)
+    pre = pretrain(splits, cfg.pretrain, model_cache, progress=progress)
     pretrain_seconds = time.perf_counter() - t0
     reused = [k for k, hit in pre.cached.items() if hit]
     print(f"base model and helper networks ready in {pretrain_seconds:.0f}s" + (f" (cached: {', '.join(reused)})" if reused else ""))
-
-    from tqdm.auto import tqdm
 
     with tqdm(total=total_iterations(cfg), disable=not progress, dynamic_ncols=True, unit="it") as bar:
         records, samples = run_demo(cfg, splits, pre, bar)
@@ -151,4 +156,4 @@ def run(args: argparse.Namespace) -> int:
     text = write_outputs(out, cfg, records, samples, splits, meta)
     print(text)
     print(f"wall time {wall:.0f}s; wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.png'}, {out / 'curves.png'}")
-    return 0
+    return meta

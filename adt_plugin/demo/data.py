@@ -76,6 +76,7 @@ class DigitSplits:
     test_x: torch.Tensor  # shifted, held out
     test_y: torch.Tensor
     shift: str
+    indices: dict[str, torch.Tensor]  # positions in load_digits() of each split's images
 
     def sizes(self) -> dict[str, int]:
         return {"base": len(self.base_y), "target_train": len(self.train_y), "target_test": len(self.test_y)}
@@ -98,4 +99,5 @@ def make_splits(shift: str = "italic", base_fraction: float = 0.5, test_fraction
         test_x=transform(images[test]),
         test_y=labels[test],
         shift=shift,
+        indices={"base": base, "target_train": train, "target_test": test},
     )

@@ -10,6 +10,7 @@ iterations (strategy calls), and is evaluated with the same sampling noise.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
@@ -33,6 +34,7 @@ class DemoConfig:
     iters: int = 300
     batch: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # or "constant"; the same for every strategy
     label_dropout: float = 0.1
     # the sampler the fine-tune is for (ADT's rollout) and the first evaluation column
     train_setting: SamplerSetting = SamplerSetting("ddim", 4, 2.0)
@@ -43,6 +45,7 @@ class DemoConfig:
         SamplerSetting("dpmsolver++", 8, 2.0),
     )
     curve_points: int = 4  # evaluations during fine-tuning, at the train setting
+    eval_images: int = 0  # held-out images to compare with (0: all of them)
     # settings of the core strategies (AdtSettings fields); sampler / steps / guidance / seed
     # are filled in from train_setting and the run seed
     adt: dict[str, Any] = field(default_factory=dict)
@@ -65,6 +68,15 @@ class DemoConfig:
         out = asdict(self)
         out["eval_settings"] = [s.key for s in self.eval_settings]
         return out
+
+
+def lr_factor(cfg: DemoConfig, it: int) -> float:
+    """The fine-tuning learning-rate schedule (iteration `it` counts from 1)."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (it - 1) / max(1, cfg.iters)))
+    raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
 
 
 def curve_iterations(iters: int, points: int) -> list[int]:
@@ -128,7 +140,7 @@ def _finetune(name, seed, cfg, splits, pre, evaluator, adapter, curve, progress)
         out = strategy(adapter, TrainBatch(splits.train_x[idx], {"labels": labels}))
         if out.updates_generator:
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * strategy.generator_lr_factor()
+                group["lr"] = cfg.lr * lr_factor(cfg, it) * strategy.generator_lr_factor()
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -158,7 +170,8 @@ def run_demo(
 ) -> tuple[list[dict[str, Any]], dict[int, dict[str, dict[str, torch.Tensor]]]]:
     """All runs: (records, samples[seed][strategy][setting key]). `progress` is a tqdm-like
     bar over all fine-tuning iterations (see `total_iterations`)."""
-    evaluator = Evaluator(pre.classifier, splits.test_x, splits.test_y)
+    n = cfg.eval_images or len(splits.test_y)
+    evaluator = Evaluator(pre.classifier, splits.test_x[:n], splits.test_y[:n])
     records, samples = [], {}
     for seed in cfg.seeds:
         for name in cfg.strategies:

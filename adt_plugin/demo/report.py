@@ -267,8 +267,9 @@ def write_outputs(out: Path, cfg, records, samples, splits, meta: Mapping[str, A
     first_seed = cfg.seeds[0]
     train_key = cfg.train_setting.key
     columns = {name: samples[first_seed][name][train_key] for name in cfg.strategies}
-    columns["held-out"] = splits.test_x
-    save_png(sample_grid(columns, splits.test_y), out / "samples.png")
+    n = len(next(iter(columns.values())))  # samples are made for the first n held-out labels
+    columns["held-out"] = splits.test_x[:n]
+    save_png(sample_grid(columns, splits.test_y[:n]), out / "samples.png")
     curves = mean_curves(records, cfg.strategies, train_key, cfg.iters)
     title = f"{cfg.train_setting.label}: mean over seeds {', '.join(map(str, cfg.seeds))}"
     save_png(curves_image(curves, title=title), out / "curves.png")

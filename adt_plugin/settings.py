@@ -2,7 +2,10 @@
 
 TOML presets (`[adt]`), `adt train` overrides, sd-scripts' `--adt_*` flags and
 OneTrainer's `adt` config section all map onto these fields, so a setting has one
-name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50).
+name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50), except
+how the two generator terms are balanced and which real image a rollout is scored
+against (adv_balance, adv_ratio, reference: what the digits study found; the paper's
+formulation is adv_balance="none", reference="self").
 """
 
 from __future__ import annotations
@@ -35,13 +38,18 @@ class AdtSettings:
     g_every: int = 5  # H: the generator loss is returned every H-th iteration
     lambda_diff: float = 0.5
     g_warmup_steps: int = 500
-    # balance of the two generator terms: none = the paper's L_adv + lambda * L_diff;
-    # grad = the adversarial gradient scaled to adv_ratio x the diffusion gradient
-    adv_balance: str = "none"
-    adv_ratio: float = 1.0
+    # balance of the two generator terms: grad = the adversarial gradient scaled to
+    # adv_ratio x the diffusion gradient at the shared denoiser output (then lambda_diff
+    # only scales the total); none = the paper's L_adv + lambda_diff * L_diff, literally.
+    # (See README, "Making ADT work": taken literally, the adversarial gradient is
+    # ~10x the diffusion gradient and wrecks the samples.)
+    adv_balance: str = "grad"
+    adv_ratio: float = 0.3
     adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
-    # the real image a rollout is scored against: self (paper) | same_cond | any
-    reference: str = "self"
+    # the real image a rollout is scored against (siamese discriminator):
+    # same_cond = another image of the batch with the same conditioning (else itself),
+    # self = the very image that was noised (the paper), any = any other image
+    reference: str = "same_cond"
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2

@@ -14,7 +14,7 @@ from PIL import Image
 
 from adt_plugin.cli import main
 from adt_plugin.demo.cli import execute
-from adt_plugin.demo.experiment import DemoConfig
+from adt_plugin.demo.experiment import DEMO_ADT, DemoConfig
 from adt_plugin.demo.metrics import SamplerSetting
 from adt_plugin.demo.pretrain import PretrainConfig
 
@@ -26,7 +26,7 @@ TINY = DemoConfig(
     other_settings=(SamplerSetting("ddim", 3, 1.0),),
     curve_points=1,
     eval_images=40,
-    adt={"g_every": 1, "d_warmup_steps": 0, "g_warmup_steps": 0, "at_steps": 2},
+    adt={**DEMO_ADT, "at_steps": 2},
     pretrain=PretrainConfig(unet_widths=(8, 16), base_iters=3, base_batch=16, featnet_iters=2, classifier_iters=2),
 )
 

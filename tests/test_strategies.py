@@ -67,7 +67,8 @@ def test_discriminator_only_iteration_builds_no_denoiser_or_decoder_graph():
 
 
 def test_generator_iteration_returns_adversarial_plus_lambda_diffusion_loss():
-    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2)
+    # the paper's formulation, literally
+    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2, adv_balance="none", reference="self")
     out = strategy(model, batch())
     assert out.updates_generator and out.loss.grad_fn is not None
     assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff"], rel=1e-5)
@@ -208,9 +209,11 @@ def test_grad_balance_and_adversarial_warmup_in_the_strategy():
     assert weights == pytest.approx([0.5, 1.0, 1.0])
 
 
-def test_paper_settings_are_the_defaults_of_the_new_options():
+def test_defaults_balance_the_gradients_and_the_paper_mode_is_a_setting():
     s = AdtSettings()
-    assert (s.adv_balance, s.reference, s.adv_warmup_steps) == ("none", "self", 0)
+    assert (s.adv_balance, s.adv_ratio, s.reference, s.adv_warmup_steps) == ("grad", 0.3, "same_cond", 0)
+    paper = AdtSettings(adv_balance="none", reference="self")
+    assert (paper.lambda_diff, paper.g_every, paper.d_lr, paper.tau, paper.k_graph_steps) == (0.5, 5, 5e-6, 0.99, 3)
     with pytest.raises(SettingsError, match="adv_balance must be"):
         AdtSettings(adv_balance="auto")
     with pytest.raises(SettingsError, match="reference must be one of"):

@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-dir", default=None, help="where cached base models live")
     parser.add_argument("--no-cache", action="store_true", help="retrain the base model and helper networks")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these 8x8 models gain little from more, and a busy machine makes them slower)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

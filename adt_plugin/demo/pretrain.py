@@ -43,11 +43,12 @@ def default_cache_dir() -> Path:
 class PretrainConfig:
     unet_widths: tuple[int, ...] = (16, 32)
     base_iters: int = 1000
-    base_batch: int = 128
+    base_batch: int = 64
     base_lr: float = 2e-3
     base_ema: float = 0.995
     label_dropout: float = 0.1  # classifier-free guidance: this share of labels become "no label"
     featnet_iters: int = 300
+    featnet_noise: float = 0.0  # std of Gaussian noise added to its training inputs
     classifier_iters: int = 600
     seed: int = 0
 
@@ -124,8 +125,11 @@ def train_base(splits: DigitSplits, cfg: PretrainConfig, progress: bool = True) 
     return ema.state_dict()
 
 
-def _train_classifier(net: nn.Module, logits_fn, x: torch.Tensor, y: torch.Tensor, iters: int, seed: int, desc: str, progress: bool):
-    """Cross-entropy with 1-pixel random shifts (robust features, not a memorised set)."""
+def _train_classifier(
+    net: nn.Module, logits_fn, x: torch.Tensor, y: torch.Tensor, iters: int, seed: int, desc: str, progress: bool, noise: float = 0.0
+):
+    """Cross-entropy with 1-pixel random shifts and optional input noise (robust
+    features, not a memorised set)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     with _progress(iters, desc, progress) as bar:
@@ -133,6 +137,8 @@ def _train_classifier(net: nn.Module, logits_fn, x: torch.Tensor, y: torch.Tenso
             idx = torch.randint(0, len(y), (128,), generator=gen)
             dy, dx = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
             batch = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))
+            if noise > 0:
+                batch = batch + noise * torch.randn(batch.shape, generator=gen)
             loss = F.cross_entropy(logits_fn(batch), y[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,7 +150,9 @@ def _train_classifier(net: nn.Module, logits_fn, x: torch.Tensor, y: torch.Tenso
 def train_feature_net(splits: DigitSplits, cfg: PretrainConfig, progress: bool = True) -> dict[str, torch.Tensor]:
     torch.manual_seed(cfg.seed + 1)
     net = DigitFeatureNet()
-    _train_classifier(net, net.logits, splits.base_x, splits.base_y, cfg.featnet_iters, cfg.seed + 1, "feature net", progress)
+    _train_classifier(
+        net, net.logits, splits.base_x, splits.base_y, cfg.featnet_iters, cfg.seed + 1, "feature net", progress, cfg.featnet_noise
+    )
     return net.state_dict()
 
 
@@ -170,7 +178,7 @@ def pretrain(splits: DigitSplits, cfg: PretrainConfig, cache: ModelCache, progre
     settings = asdict(cfg)
     base_key = {"data": data, **{k: v for k, v in settings.items() if not k.startswith(("featnet", "classifier"))}}
     base, base_hit = cache.get_or_build("base", base_key, lambda: train_base(splits, cfg, progress))
-    feat_key = {"data": data, "featnet_iters": cfg.featnet_iters, "seed": cfg.seed}
+    feat_key = {"data": data, "featnet_iters": cfg.featnet_iters, "featnet_noise": cfg.featnet_noise, "seed": cfg.seed}
     feat_state, feat_hit = cache.get_or_build("featnet", feat_key, lambda: train_feature_net(splits, cfg, progress))
     cls_key = {"data": data, "classifier_iters": cfg.classifier_iters, "seed": cfg.seed}
     cls_state, cls_hit = cache.get_or_build("classifier", cls_key, lambda: train_metric_classifier(splits, cfg, progress))

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "adt_plugin.train.command",
     "presets": "adt_plugin.train.presets",
     "bench": "adt_plugin.train.bench",
+    "demo": "adt_plugin.demo.cli",
 }
 
 

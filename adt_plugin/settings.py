@@ -2,7 +2,10 @@
 
 TOML presets (`[adt]`), `adt train` overrides, sd-scripts' `--adt_*` flags and
 OneTrainer's `adt` config section all map onto these fields, so a setting has one
-name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50).
+name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50), except
+how the two generator terms are balanced and which real image a rollout is scored
+against (adv_balance, adv_ratio, reference: what the digits study found; the paper's
+formulation is adv_balance="none", reference="self").
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ class AdtSettings:
     # backward through the full VAE decoder is the largest memory cost of an ADT
     # iteration; empty: the model's VAE, as in the paper.
     decoder_path: str = ""
+    # balance of the two generator terms: grad = the adversarial gradient scaled to
+    # adv_ratio x the diffusion gradient at the shared denoiser output (then lambda_diff
+    # only scales the total); none = the paper's L_adv + lambda_diff * L_diff, literally.
+    # (See README, "Making ADT work": taken literally, the adversarial gradient is
+    # ~10x the diffusion gradient and wrecks the samples.)
+    adv_balance: str = "grad"
+    adv_ratio: float = 0.3
+    adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
+    # the real image a rollout is scored against (siamese discriminator):
+    # same_cond = another image of the batch with the same conditioning (else itself),
+    # self = the very image that was noised (the paper), any = any other image
+    reference: str = "same_cond"
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2
@@ -51,6 +66,11 @@ class AdtSettings:
     d_lr: float = 5e-6
     d_weight_decay: float = 0.01
     d_warmup_steps: int = 1000
+    # ip: extra input noise (DDPM-IP); at: adversarial input perturbation (per-element RMS norms)
+    ip_gamma: float = 0.1
+    at_steps: int = 3  # replays of the batch: delta = 0, then at_steps - 1 ascent steps
+    at_epsilon: float = 0.1  # radius of the L2 ball, ||delta|| <= at_epsilon * sqrt(numel)
+    at_step_size: float = 0.05  # each ascent step moves delta by at_step_size * sqrt(numel)
     # reproducibility of the strategy's own draws (start step, graph steps, noise, augmentation)
     seed: int = 0
 
@@ -59,14 +79,21 @@ class AdtSettings:
 
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("num_inference_steps", "g_every"):
+        for name in ("num_inference_steps", "g_every", "at_steps"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps"):
+        for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps", "adv_warmup_steps"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_diff < 0 or self.d_lr <= 0:
             raise SettingsError("lambda_diff must be >= 0 and d_lr > 0")
+        if self.adv_balance not in ("none", "grad"):
+            raise SettingsError(f"adv_balance must be 'none' or 'grad', got {self.adv_balance!r}")
+        if self.reference not in ("self", "same_cond", "any"):
+            raise SettingsError(f"reference must be one of self, same_cond, any, got {self.reference!r}")
+        for name in ("adv_ratio", "ip_gamma", "at_epsilon", "at_step_size"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
         try:  # the sub-configs validate their own fields
             self.rollout_config()

@@ -91,3 +91,16 @@ def test_failed_write_leaves_the_previous_file_and_no_partial_file(tmp_path, mon
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     load_discriminator(path, make())  # still a valid checkpoint
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp makes 0600 files; a LoRA or discriminator file must be readable like any other."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        fileio.atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

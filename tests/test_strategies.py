@@ -67,7 +67,8 @@ def test_discriminator_only_iteration_builds_no_denoiser_or_decoder_graph():
 
 
 def test_generator_iteration_returns_adversarial_plus_lambda_diffusion_loss():
-    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2)
+    # the paper's formulation, literally
+    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2, adv_balance="none", reference="self")
     out = strategy(model, batch())
     assert out.updates_generator and out.loss.grad_fn is not None
     assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff"], rel=1e-5)
@@ -159,3 +160,81 @@ def test_decoder_path_decodes_with_a_tiny_autoencoder_instead_of_the_models_vae(
     assert all(p.grad is not None for p in model.net.parameters())  # the gradient went through the tiny decoder
     with pytest.raises(FileNotFoundError, match="not a diffusers AutoencoderTiny folder.*madebyollin/taesd"):
         build_strategy(settings(decoder_path=str(tmp_path / "nope")), DDPM_CONFIG, backbone=tiny_dinov2())
+
+
+def test_reference_indices_self_same_cond_any():
+    from adt_plugin.strategies.adt import reference_indices
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    cond = {"labels": labels, "unused": None}
+    assert reference_indices(cond, "self", gen).tolist() == list(range(6))
+    for _ in range(20):
+        same = reference_indices(cond, "same_cond", gen)
+        assert same[3] == 3  # the only 2: no other image with its conditioning
+        others = [i for i in range(6) if i != 3]
+        assert all(same[i] != i and labels[same[i]] == labels[i] for i in others)
+        anyone = reference_indices(cond, "any", gen)
+        assert all(anyone[i] != i for i in range(6))
+    # every allowed partner is drawn, not always the same one
+    picks = {int(reference_indices(cond, "same_cond", gen)[0]) for _ in range(40)}
+    assert picks == {2, 5}
+    # multi-key conditioning: rows must match in every key
+    emb = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]])
+    two = {"encoder_hidden_states": emb, "labels": torch.tensor([5, 6, 5])}
+    assert reference_indices(two, "same_cond", gen).tolist() == [0, 1, 2]
+
+
+def test_balance_adversarial_keeps_value_and_gradient_and_sets_the_ratio():
+    from adt_plugin.strategies.adt import balance_adversarial
+
+    torch.manual_seed(0)
+    theta = torch.randn(5, requires_grad=True)
+    x_in = torch.randn(3, 5)
+
+    def graph():
+        first = x_in * theta  # the shared denoiser output
+        sample = 0.7 * first + first.detach() ** 2  # the rollout's result
+        g_adv = -torch.tanh(sample @ torch.arange(5.0)).mean()  # stands in for D and decoder
+        diff = 0.5 * (first - 1).pow(2).mean()
+        return first, sample, g_adv, diff
+
+    first, sample, g_adv, diff = graph()
+    stand_in, w = balance_adversarial(g_adv, sample, first, diff, ratio=0.3)
+    _, _, g_ref, diff_ref = graph()
+    torch.testing.assert_close(stand_in.detach(), g_ref.detach())
+    (grad_stand_in,) = torch.autograd.grad(stand_in, theta, retain_graph=True)
+    (grad_ref,) = torch.autograd.grad(g_ref, theta, retain_graph=True)
+    torch.testing.assert_close(grad_stand_in, grad_ref)
+    f2, s2, g2, d2 = graph()
+    (a,) = torch.autograd.grad(g2, f2, retain_graph=True)
+    (b,) = torch.autograd.grad(d2, f2)
+    assert w == pytest.approx(0.3 * float(b.norm()) / float(a.norm()), rel=1e-5)
+
+
+def test_grad_balance_and_adversarial_warmup_in_the_strategy():
+    model, strategy = make_adt(g_every=1, adv_balance="grad", adv_ratio=0.5, adv_warmup_steps=2, reference="same_cond")
+    weights = []
+    for _ in range(3):
+        out = strategy(model, batch(4))
+        assert out.updates_generator and "adt/balance" in out.logs
+        assert out.logs["adt/balance"] > 0
+        weights.append(out.logs["adt/adv_weight"] / out.logs["adt/balance"])
+        assert out.logs["loss/G"] == pytest.approx(
+            out.logs["adt/adv_weight"] * out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff"], rel=1e-5
+        )
+        model.net.zero_grad()
+        out.loss.backward()
+        assert all(p.grad is not None for p in model.net.parameters())
+    assert weights == pytest.approx([0.5, 1.0, 1.0])
+
+
+def test_defaults_balance_the_gradients_and_the_paper_mode_is_a_setting():
+    s = AdtSettings()
+    assert (s.adv_balance, s.adv_ratio, s.reference, s.adv_warmup_steps) == ("grad", 0.3, "same_cond", 0)
+    paper = AdtSettings(adv_balance="none", reference="self")
+    assert (paper.lambda_diff, paper.g_every, paper.d_lr, paper.tau, paper.k_graph_steps) == (0.5, 5, 5e-6, 0.99, 3)
+    with pytest.raises(SettingsError, match="adv_balance must be"):
+        AdtSettings(adv_balance="auto")
+    with pytest.raises(SettingsError, match="reference must be one of"):
+        AdtSettings(reference="other")

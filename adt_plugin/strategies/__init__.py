@@ -12,6 +12,8 @@ from .base import LossStrategy, StrategyOutput, TrainBatch
 STRATEGIES: dict[str, str] = {
     "ft": "plain diffusion loss (the baseline)",
     "adt": "Adversarial Diffusion Tuning: rollout + discriminator + lambda x diffusion loss",
+    "ip": "input perturbation: x_t built with noise + gamma x extra noise, target unchanged (DDPM-IP)",
+    "at": "adversarial training of the denoiser input: worst delta in a norm ball, target corrected (AT)",
 }
 
 
@@ -22,13 +24,27 @@ def build_strategy(
     backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
     device: Any = None,
 ) -> LossStrategy:
-    """The strategy `settings.strategy`. Only `adt` needs a backbone: pass one, or a
+    """The strategy `settings.strategy` (ft, adt, ip, at). Only `adt` needs a backbone: pass one, or a
     loader that is called only when it is needed (default: DINOv2 from
     `settings.backbone_path`)."""
     if settings.strategy == "ft":
         from .ft import FtStrategy
 
         return FtStrategy(scheduler_config, seed=settings.seed)
+    if settings.strategy == "ip":
+        from .ip import IpStrategy
+
+        return IpStrategy(scheduler_config, gamma=settings.ip_gamma, seed=settings.seed)
+    if settings.strategy == "at":
+        from .at import AtStrategy
+
+        return AtStrategy(
+            scheduler_config,
+            steps=settings.at_steps,
+            epsilon=settings.at_epsilon,
+            step_size=settings.at_step_size,
+            seed=settings.seed,
+        )
     if settings.strategy == "adt":
         from ..backbones import load_dinov2
         from .adt import AdtStrategy

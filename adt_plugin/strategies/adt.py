@@ -8,6 +8,26 @@ One iteration:
   3. every H-th iteration return L_G = -sum_i D_i(x_hat_0) + lambda * L_diff(t_s)
      (Eq. 8) for the trainer to back-propagate; otherwise return the detached
      diffusion loss and `updates_generator=False`.
+
+Options beyond the paper (the paper's formulation is `adv_balance="none"`,
+`reference="self"`, `adv_warmup_steps=0`):
+
+- `adv_balance="grad"`: L_G = w * L_adv + lambda * L_diff with w chosen every
+  generator step so that, at the denoiser's first output (the one both terms
+  share), the adversarial gradient's norm is `adv_ratio` times the diffusion
+  term's. The balance then does not depend on the number of taps, the score's
+  scale, the loss reductions, the resolution or the batch size, and it follows
+  the diffusion loss as the model fits. It costs no extra pass through the
+  discriminator or the decoder: their gradient w.r.t. x_hat_0 is taken once and
+  the trainer's backward continues from it.
+- `reference="same_cond"`: score x_hat_0 against a *different* real image of the
+  batch with the same conditioning (itself when there is none); `"any"`: against
+  any other image. From a start near pure noise the rollout cannot recover the
+  specifics of the image that was noised; asking it to is asking for the
+  impossible and teaches the discriminator instance identity instead of realism.
+- `adv_warmup_steps`: the adversarial term's weight ramps linearly from 0 while the
+  diffusion term is at full weight, so early generator steps do not follow a
+  discriminator that has not learnt anything yet.
 """
 
 from __future__ import annotations
@@ -27,6 +47,54 @@ from .base import LossStrategy, StrategyOutput, TrainBatch
 
 def linear_warmup(steps: int):
     return lambda step: 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
+
+
+REFERENCES = ("self", "same_cond", "any")
+
+
+def reference_indices(cond: Mapping[str, Optional[torch.Tensor]], mode: str, generator: torch.Generator) -> torch.Tensor:
+    """For each sample i, the index of the real image its rollout is scored against.
+
+    self: i. same_cond: a random j != i whose conditioning equals i's in every key
+    (i itself if there is none). any: a random j != i."""
+    tensors = [t for t in cond.values() if t is not None]
+    if not tensors:
+        raise ValueError("reference choice needs at least one conditioning tensor to read the batch size from")
+    batch = tensors[0].shape[0]
+    if mode == "self" or batch == 1:
+        return torch.arange(batch)
+    allowed = ~torch.eye(batch, dtype=torch.bool)
+    if mode == "same_cond":
+        for t in tensors:
+            flat = t.detach().flatten(1).cpu() if t.ndim > 1 else t.detach().view(-1, 1).cpu()
+            allowed &= (flat[:, None, :] == flat[None, :, :]).all(dim=-1)
+    elif mode != "any":
+        raise ValueError(f"reference must be one of {REFERENCES}, got {mode!r}")
+    # a uniform random choice among the allowed j per row, drawn from the strategy's generator
+    weights = torch.rand(batch, batch, generator=generator) * allowed
+    choice = weights.argmax(dim=1)
+    return torch.where(allowed.any(dim=1), choice, torch.arange(batch))
+
+
+def balance_adversarial(
+    g_adv: torch.Tensor, sample: torch.Tensor, first: torch.Tensor, diff_term: torch.Tensor, ratio: float
+) -> tuple[torch.Tensor, float]:
+    """(a stand-in for g_adv with the same value and parameter gradient, w) with
+    w = ratio * |d diff_term / d first| / |d g_adv / d first|.
+
+    `first` is the denoiser output both terms depend on (the first rollout step's
+    conditional prediction), `sample` the rollout's result x_hat_0. dg_adv/dx_hat_0
+    is computed once (through the discriminator and the decoder, whose graph is
+    then freed); the stand-in <g, x_hat_0> carries it on to the denoiser calls,
+    so the trainer's backward does not repeat that part."""
+    (grad_sample,) = torch.autograd.grad(g_adv, sample)
+    stand_in = (grad_sample.detach() * (sample - sample.detach())).sum() + g_adv.detach()
+    (adv_at_first,) = torch.autograd.grad(stand_in, first, retain_graph=True, allow_unused=True)
+    (diff_at_first,) = torch.autograd.grad(diff_term, first, retain_graph=True)
+    adv_norm = 0.0 if adv_at_first is None else float(adv_at_first.float().norm())
+    if adv_norm == 0.0:  # the discriminator gives no signal: nothing to balance
+        return stand_in, 0.0
+    return stand_in, ratio * float(diff_at_first.float().norm()) / adv_norm
 
 
 class AdtStrategy(LossStrategy):
@@ -50,6 +118,7 @@ class AdtStrategy(LossStrategy):
         )
         self.d_scheduler = torch.optim.lr_scheduler.LambdaLR(self.d_optimizer, linear_warmup(settings.d_warmup_steps))
         self._g_warmup = linear_warmup(settings.g_warmup_steps)
+        self._adv_warmup = linear_warmup(settings.adv_warmup_steps)
         self.skipped_d_steps = 0
         _broadcast_from_rank0(self.disc)
 
@@ -79,7 +148,10 @@ class AdtStrategy(LossStrategy):
         disc = self.disc
         with torch.no_grad():
             real_online = disc.features(real, self.generator)
-            real_target = disc.features(real, self.generator) if disc.needs_reference else None
+            real_target = None
+            if disc.needs_reference:
+                ref = reference_indices(batch.cond, self.settings.reference, self.generator)
+                real_target = disc.features(real if self.settings.reference == "self" else real[ref.to(real.device)], self.generator)
         with torch.set_grad_enabled(g_step):
             fake_features = disc.features(fake, self.generator)
 
@@ -90,7 +162,18 @@ class AdtStrategy(LossStrategy):
             reference = disc.reference(real_target) if disc.needs_reference else None  # twins after their update
             with disc.frozen():
                 g_adv = hinge_g_loss(disc.scores(fake_features, reference))
-            loss = g_adv + self.settings.lambda_diff * l_diff
+            diff_term = self.settings.lambda_diff * l_diff
+            weight = self._adv_warmup(self.step)
+            if self.settings.adv_balance == "grad":
+                g_adv_term, balance = balance_adversarial(
+                    g_adv, result.sample, result.first_prediction, diff_term, self.settings.adv_ratio
+                )
+                weight *= balance
+                logs["adt/balance"] = balance
+            else:
+                g_adv_term = g_adv
+            loss = weight * g_adv_term + diff_term
+            logs["adt/adv_weight"] = weight
             logs["loss/G_adv"] = float(g_adv.detach())
             logs["loss/G"] = float(loss.detach())
         else:

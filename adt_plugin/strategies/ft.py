@@ -20,10 +20,14 @@ class FtStrategy(LossStrategy):
         self.schedule = NoiseSchedule(scheduler_config)
         self.timestep_weighting = timestep_weighting
 
+    def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, noise): a random training timestep per sample and its noise."""
+        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.timestep_weighting).to(x0.device)
+        return t, self.randn_like(x0)
+
     def noised(self, x0: torch.Tensor):
         """(x_t, noise, t) for a random training timestep per sample."""
-        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.timestep_weighting).to(x0.device)
-        noise = self.randn_like(x0)
+        t, noise = self.draw(x0)
         return self.schedule.add_noise(x0, noise, t), noise, t
 
     def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:

@@ -286,10 +286,9 @@ def warm_optimizer(optimizer, params) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_phases(args, model: BenchModel, device) -> dict[str, float]:
-    from ..adapter import guided_denoise
-    from ..strategies import TrainBatch
-
+def setup(args, model: BenchModel, device):
+    """The measured pieces, built the same way for every phase: (adapter, optimizer
+    with its state created, x0, cond, ft strategy, adt strategy)."""
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     adapter, backbone, optimizer, params, x0, cond = build(
         model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
@@ -297,6 +296,14 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
     )
     ft, adt = strategies(args, backbone, device)
     warm_optimizer(optimizer, params)
+    return adapter, optimizer, x0, cond, ft, adt
+
+
+def time_phases(args, model: BenchModel, device) -> dict[str, float]:
+    from ..adapter import guided_denoise
+    from ..strategies import TrainBatch
+
+    adapter, optimizer, x0, cond, ft, adt = setup(args, model, device)
     batch = (x0, cond)
     generator_update(ft, adapter, batch, optimizer)  # warm-up: kernels, allocator
 
@@ -354,13 +361,7 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
 def memory_phase(args, model: BenchModel, device, phase: str) -> float:
     """Peak memory (bytes) of one FT step or one ADT generator iteration, above the
     memory held before it (models, optimizer state, inputs)."""
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    adapter, backbone, optimizer, params, x0, cond = build(
-        model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
-        args.decoder == "tiny",
-    )
-    ft, adt = strategies(args, backbone, device)
-    warm_optimizer(optimizer, params)
+    adapter, optimizer, x0, cond, ft, adt = setup(args, model, device)
     strategy = ft if phase == "ft" else adt
     if phase == "adt":
         strategy.step = args.g_every - 2  # a warm-up iteration (creates the D optimizer's state), then a generator one

@@ -51,6 +51,10 @@ class AdtSettings:
     adv_balance: str = "grad"
     adv_ratio: float = 0.3
     adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
+    # where the generator's diffusion term is taken: start = at the rollout's start step,
+    # from its first prediction (the paper; free); uniform = at a training timestep drawn
+    # uniformly, from its own noise (one more denoiser forward + backward per generator step)
+    diff_timestep: str = "start"
     # the real image a rollout is scored against (siamese discriminator):
     # same_cond = another image of the batch with the same conditioning (else itself),
     # self = the very image that was noised (the paper), any = any other image
@@ -89,6 +93,8 @@ class AdtSettings:
             raise SettingsError("lambda_diff must be >= 0 and d_lr > 0")
         if self.adv_balance not in ("none", "grad"):
             raise SettingsError(f"adv_balance must be 'none' or 'grad', got {self.adv_balance!r}")
+        if self.diff_timestep not in ("start", "uniform"):
+            raise SettingsError(f"diff_timestep must be 'start' or 'uniform', got {self.diff_timestep!r}")
         if self.reference not in ("self", "same_cond", "any"):
             raise SettingsError(f"reference must be one of self, same_cond, any, got {self.reference!r}")
         for name in ("adv_ratio", "ip_gamma", "at_epsilon", "at_step_size"):

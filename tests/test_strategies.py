@@ -238,3 +238,34 @@ def test_defaults_balance_the_gradients_and_the_paper_mode_is_a_setting():
         AdtSettings(adv_balance="auto")
     with pytest.raises(SettingsError, match="reference must be one of"):
         AdtSettings(reference="other")
+
+
+def test_diffusion_term_at_a_uniform_timestep_takes_one_more_forward_on_generator_steps_only():
+    calls = {}
+    for mode in ("start", "uniform"):
+        model, strategy = make_adt(g_every=2, diff_timestep=mode)
+        counts = []
+        real_denoise = model.denoise
+
+        def counting(*args, _counts=counts, **kwargs):
+            _counts[-1] += 1
+            return real_denoise(*args, **kwargs)
+
+        model.denoise = counting
+        outs = []
+        for _ in range(2):  # a discriminator-only step, then a generator step
+            counts.append(0)
+            outs.append(strategy(model, batch(4)))
+        calls[mode] = counts
+        g = outs[1]
+        assert g.updates_generator and not outs[0].updates_generator
+        assert ("loss/diff_uniform" in g.logs) == (mode == "uniform")
+        diff = g.logs.get("loss/diff_uniform", g.logs["loss/diff"])
+        assert g.logs["loss/G"] == pytest.approx(g.logs["adt/adv_weight"] * g.logs["loss/G_adv"] + 0.5 * diff, rel=1e-5)
+        g.loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.parameters())
+    # the same rollout (same draws up to it); the uniform term adds exactly one call on the G step
+    assert calls["uniform"][0] == calls["start"][0]
+    assert calls["uniform"][1] == calls["start"][1] + 1
+    with pytest.raises(SettingsError, match="diff_timestep must be 'start' or 'uniform'"):
+        AdtSettings(diff_timestep="random")

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from ..adapter import ModelAdapter
 from ..discriminator import Discriminator, build_discriminator
 from ..losses import diffusion_loss, hinge_d_loss, hinge_g_loss
+from ..noise import NoiseSchedule
 from ..rollout import Rollout
 from ..settings import AdtSettings
 from .base import LossStrategy, StrategyOutput, TrainBatch
@@ -77,20 +78,27 @@ def reference_indices(cond: Mapping[str, Optional[torch.Tensor]], mode: str, gen
 
 
 def balance_adversarial(
-    g_adv: torch.Tensor, sample: torch.Tensor, first: torch.Tensor, diff_term: torch.Tensor, ratio: float
+    g_adv: torch.Tensor,
+    sample: torch.Tensor,
+    first: torch.Tensor,
+    diff_term: torch.Tensor,
+    ratio: float,
+    diff_output: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, float]:
     """(a stand-in for g_adv with the same value and parameter gradient, w) with
-    w = ratio * |d diff_term / d first| / |d g_adv / d first|.
+    w = ratio * |d diff_term / d diff_output| / |d g_adv / d first|.
 
     `first` is the denoiser output both terms depend on (the first rollout step's
-    conditional prediction), `sample` the rollout's result x_hat_0. dg_adv/dx_hat_0
+    conditional prediction), `sample` the rollout's result x_hat_0; `diff_output`
+    the prediction the diffusion term is computed from (default: `first`; another
+    forward of the same shape when the term is taken at its own timestep). dg_adv/dx_hat_0
     is computed once (through the discriminator and the decoder, whose graph is
     then freed); the stand-in <g, x_hat_0> carries it on to the denoiser calls,
     so the trainer's backward does not repeat that part."""
     (grad_sample,) = torch.autograd.grad(g_adv, sample)
     stand_in = (grad_sample.detach() * (sample - sample.detach())).sum() + g_adv.detach()
     (adv_at_first,) = torch.autograd.grad(stand_in, first, retain_graph=True, allow_unused=True)
-    (diff_at_first,) = torch.autograd.grad(diff_term, first, retain_graph=True)
+    (diff_at_first,) = torch.autograd.grad(diff_term, first if diff_output is None else diff_output, retain_graph=True)
     adv_norm = 0.0 if adv_at_first is None else float(adv_at_first.float().norm())
     if adv_norm == 0.0:  # the discriminator gives no signal: nothing to balance
         return stand_in, 0.0
@@ -111,6 +119,7 @@ class AdtStrategy(LossStrategy):
         super().__init__(settings.seed)
         self.settings = settings
         self.rollout = Rollout(scheduler_config, settings.rollout_config(), device=device)
+        self.schedule = NoiseSchedule(scheduler_config)  # for diff_timestep="uniform"
         self.decoder = decoder  # None: the model adapter's own decode
         self.disc: Discriminator = build_discriminator(backbone, settings.discriminator_config()).to(device)
         self.d_optimizer = torch.optim.AdamW(
@@ -138,6 +147,9 @@ class AdtStrategy(LossStrategy):
         x_start = self.rollout.start(x0, noise, plan)
         result = self.rollout.run(model, x_start, batch.cond, plan, grad_mode=None if g_step else "off")
         l_diff = diffusion_loss(result.first_prediction, self.rollout.target(x0, noise, plan))
+        l_diff_g, diff_output = l_diff, None  # diff_output: the term's own prediction when it has one
+        if g_step and self.settings.diff_timestep == "uniform":
+            l_diff_g, diff_output = self._uniform_diffusion_loss(model, batch)
 
         decode = self.decoder or model.decode
         with torch.no_grad():
@@ -162,11 +174,13 @@ class AdtStrategy(LossStrategy):
             reference = disc.reference(real_target) if disc.needs_reference else None  # twins after their update
             with disc.frozen():
                 g_adv = hinge_g_loss(disc.scores(fake_features, reference))
-            diff_term = self.settings.lambda_diff * l_diff
+            diff_term = self.settings.lambda_diff * l_diff_g
+            if diff_output is not None:
+                logs["loss/diff_uniform"] = float(l_diff_g.detach())
             weight = self._adv_warmup(self.step)
             if self.settings.adv_balance == "grad":
                 g_adv_term, balance = balance_adversarial(
-                    g_adv, result.sample, result.first_prediction, diff_term, self.settings.adv_ratio
+                    g_adv, result.sample, result.first_prediction, diff_term, self.settings.adv_ratio, diff_output
                 )
                 weight *= balance
                 logs["adt/balance"] = balance
@@ -184,6 +198,17 @@ class AdtStrategy(LossStrategy):
         _average_buffers(disc)
         self.step += 1
         return StrategyOutput(loss, g_step, logs)
+
+    def _uniform_diffusion_loss(self, model: ModelAdapter, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain diffusion loss at a training timestep drawn uniformly (FT's), from
+        its own noise: (loss, prediction). One more denoiser forward and backward per
+        generator step; with a few-step sampler the rollout's start steps are only a
+        handful of timesteps, and a diffusion term held to those leaves the others to drift."""
+        x0 = batch.x0
+        t = self.schedule.sample_timesteps(x0.shape[0], self.generator).to(x0.device)
+        noise = self.randn_like(x0)
+        prediction = model.denoise(self.schedule.add_noise(x0, noise, t), t, batch.cond)
+        return diffusion_loss(prediction, self.schedule.target(x0, noise, t)), prediction
 
     def _discriminator_step(self, real_online, real_target, fake_features) -> dict[str, float]:
         disc = self.disc

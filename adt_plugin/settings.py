@@ -51,10 +51,12 @@ class AdtSettings:
     adv_balance: str = "grad"
     adv_ratio: float = 0.3
     adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
-    # where the generator's diffusion term is taken: start = at the rollout's start step,
-    # from its first prediction (the paper; free); uniform = at a training timestep drawn
-    # uniformly, from its own noise (one more denoiser forward + backward per generator step)
-    diff_timestep: str = "start"
+    # where the generator's diffusion term is taken: uniform = at a training timestep drawn
+    # as FT draws it, from its own noise (one more denoiser forward + backward per generator
+    # step; ADT is then FT's loss plus the adversarial term); start = at the rollout's start
+    # step, from its first prediction (the paper; free, but a sampler of few steps starts at
+    # few timesteps and the others drift: see README, "What the digits study found")
+    diff_timestep: str = "uniform"
     # the real image a rollout is scored against (siamese discriminator):
     # same_cond = another image of the batch with the same conditioning (else itself),
     # self = the very image that was noised (the paper), any = any other image

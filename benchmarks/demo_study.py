@@ -24,12 +24,18 @@ from pathlib import Path
 # The variants: AdtSettings overrides on top of the demo's defaults (DemoConfig.adt).
 VARIANTS: dict[str, dict] = {
     "default": {},
-    # the paper's formulation: L_adv + 0.5 L_diff, scored against the noised image itself
-    "paper": {"adv_balance": "none", "lambda_diff": 0.5, "reference": "self"},
-    "paper_h5": {"adv_balance": "none", "lambda_diff": 0.5, "reference": "self", "g_every": 5},
+    # the paper's formulation: siamese D, L_adv + 0.5 L_diff at t_s, scored against the noised image itself
+    "paper": {"discriminator": "siamese", "adv_balance": "none", "lambda_diff": 0.5, "reference": "self", "diff_timestep": "start"},
+    "paper_h5": {"discriminator": "siamese", "adv_balance": "none", "lambda_diff": 0.5, "reference": "self",
+                 "diff_timestep": "start", "g_every": 5},
     # one change at a time away from the default
-    "no_adversarial": {"adv_ratio": 0.0},  # only the diffusion term at the rollout's start steps
-    "ref_self": {"reference": "self"},
+    "diff_start": {"diff_timestep": "start"},  # the diffusion term only at the rollout's start steps (the paper)
+    "no_adversarial_start": {"adv_ratio": 0.0, "diff_timestep": "start"},  # ... and nothing else
+    # the control: no adversarial term, diffusion term at FT's timesteps = FT with ADT's random draws
+    "no_adversarial": {"adv_ratio": 0.0},
+    "siamese": {"discriminator": "siamese"},  # the core's default discriminator (same_cond reference)
+    "siamese_start": {"discriminator": "siamese", "diff_timestep": "start"},
+    "siamese_self": {"discriminator": "siamese", "reference": "self"},
     "ratio_1": {"adv_ratio": 1.0},
     "ratio_0.1": {"adv_ratio": 0.1},
     "augment_paper": {"augment": "color,translation,cutout"},

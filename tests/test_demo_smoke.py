@@ -81,3 +81,22 @@ def test_demo_command_line_rejects_bad_settings_before_training(capsys):
         main(["demo", "--train-setting", "ddim4", "--out", "unused"])
     with pytest.raises(SystemExit, match="unknown strategies"):
         main(["demo", "--strategies", "gan", "--out", "unused"])
+
+
+def test_worker_processes_give_the_same_results_as_one_process(tmp_path, one_thread):
+    from adt_plugin.demo.data import make_splits
+    from adt_plugin.demo.experiment import run_demo
+    from adt_plugin.demo.pretrain import ModelCache, pretrain
+
+    cfg = replace(TINY, strategies=("base", "ft", "adt"))
+    splits = make_splits()
+    pre = pretrain(splits, cfg.pretrain, ModelCache(tmp_path / "cache"), progress=False)
+    one, one_samples = run_demo(cfg, splits, pre, workers=1)
+    two, two_samples = run_demo(cfg, splits, pre, workers=2)
+    assert [(r["strategy"], r["seed"]) for r in two] == [(r["strategy"], r["seed"]) for r in one]
+    for a, b in zip(one, two):
+        assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"] and a["diff_loss"] == b["diff_loss"]
+    for seed in cfg.seeds:
+        for name in cfg.strategies:
+            for key, images in one_samples[seed][name].items():
+                assert torch.equal(images, two_samples[seed][name][key])

@@ -68,7 +68,7 @@ def test_discriminator_only_iteration_builds_no_denoiser_or_decoder_graph():
 
 def test_generator_iteration_returns_adversarial_plus_lambda_diffusion_loss():
     # the paper's formulation, literally
-    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2, adv_balance="none", reference="self")
+    model, strategy = make_adt(g_every=1, lambda_diff=0.5, k_graph_steps=2, adv_balance="none", reference="self", diff_timestep="start")
     out = strategy(model, batch())
     assert out.updates_generator and out.loss.grad_fn is not None
     assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff"], rel=1e-5)
@@ -213,7 +213,7 @@ def test_balance_adversarial_keeps_value_and_gradient_and_sets_the_ratio():
 
 
 def test_grad_balance_and_adversarial_warmup_in_the_strategy():
-    model, strategy = make_adt(g_every=1, adv_balance="grad", adv_ratio=0.5, adv_warmup_steps=2, reference="same_cond")
+    model, strategy = make_adt(g_every=1, adv_balance="grad", adv_ratio=0.5, adv_warmup_steps=2, reference="same_cond", diff_timestep="start")
     weights = []
     for _ in range(3):
         out = strategy(model, batch(4))
@@ -231,8 +231,8 @@ def test_grad_balance_and_adversarial_warmup_in_the_strategy():
 
 def test_defaults_balance_the_gradients_and_the_paper_mode_is_a_setting():
     s = AdtSettings()
-    assert (s.adv_balance, s.adv_ratio, s.reference, s.adv_warmup_steps) == ("grad", 0.3, "same_cond", 0)
-    paper = AdtSettings(adv_balance="none", reference="self")
+    assert (s.adv_balance, s.adv_ratio, s.reference, s.adv_warmup_steps, s.diff_timestep) == ("grad", 0.3, "same_cond", 0, "uniform")
+    paper = AdtSettings(adv_balance="none", reference="self", diff_timestep="start")
     assert (paper.lambda_diff, paper.g_every, paper.d_lr, paper.tau, paper.k_graph_steps) == (0.5, 5, 5e-6, 0.99, 3)
     with pytest.raises(SettingsError, match="adv_balance must be"):
         AdtSettings(adv_balance="auto")
@@ -269,3 +269,14 @@ def test_diffusion_term_at_a_uniform_timestep_takes_one_more_forward_on_generato
     assert calls["uniform"][1] == calls["start"][1] + 1
     with pytest.raises(SettingsError, match="diff_timestep must be 'start' or 'uniform'"):
         AdtSettings(diff_timestep="random")
+
+
+def test_uniform_diffusion_term_checkpointed_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model, strategy = make_adt(g_every=1, diff_timestep="uniform", gradient_checkpointing=ckpt)
+        out = strategy(model, batch(4))
+        out.loss.backward()
+        grads.append([p.grad.clone() for p in model.net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

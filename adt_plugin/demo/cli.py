@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="torch CPU threads (default 1: these 8x8 models gain little from more, and a busy machine makes them slower)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for the fine-tuning runs (default: one per CPU core, at most 4; the results do not depend on it)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -112,11 +118,19 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
-    execute(cfg, Path(args.out), args.cache_dir, cache=not args.no_cache, progress=not args.no_progress, quick=args.quick)
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {workers}")
+    execute(
+        cfg, Path(args.out), args.cache_dir, cache=not args.no_cache, progress=not args.no_progress, quick=args.quick,
+        workers=workers,
+    )
     return 0
 
 
-def execute(cfg, out: Path, cache_dir=None, cache: bool = True, progress: bool = True, quick: bool = False) -> dict:
+def execute(
+    cfg, out: Path, cache_dir=None, cache: bool = True, progress: bool = True, quick: bool = False, workers: int = 1
+) -> dict:
     """Pre-train (or reuse), fine-tune every strategy for every seed, evaluate, write the outputs."""
     import torch
     from tqdm.auto import tqdm
@@ -143,7 +157,7 @@ def execute(cfg, out: Path, cache_dir=None, cache: bool = True, progress: bool =
     print(f"base model and helper networks ready in {pretrain_seconds:.0f}s" + (f" (cached: {', '.join(reused)})" if reused else ""))
 
     with tqdm(total=total_iterations(cfg), disable=not progress, dynamic_ncols=True, unit="it") as bar:
-        records, samples = run_demo(cfg, splits, pre, bar)
+        records, samples = run_demo(cfg, splits, pre, bar, workers=workers)
     wall = time.perf_counter() - start
     meta = {
         "wall_seconds": wall,
@@ -155,6 +169,7 @@ def execute(cfg, out: Path, cache_dir=None, cache: bool = True, progress: bool =
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "workers": workers,
             "cpu_count": os.cpu_count(),
         },
     }

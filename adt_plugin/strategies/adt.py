@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from ..adapter import ModelAdapter
 from ..discriminator import Discriminator, build_discriminator
@@ -207,7 +208,11 @@ class AdtStrategy(LossStrategy):
         x0 = batch.x0
         t = self.schedule.sample_timesteps(x0.shape[0], self.generator).to(x0.device)
         noise = self.randn_like(x0)
-        prediction = model.denoise(self.schedule.add_noise(x0, noise, t), t, batch.cond)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        if self.settings.gradient_checkpointing:  # like the rollout's graph steps: recomputed in backward
+            prediction = checkpoint(lambda inp: model.denoise(inp, t, batch.cond), x_t, use_reentrant=False)
+        else:
+            prediction = model.denoise(x_t, t, batch.cond)
         return diffusion_loss(prediction, self.schedule.target(x0, noise, t)), prediction
 
     def _discriminator_step(self, real_online, real_target, fake_features) -> dict[str, float]:

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from integration.tiny_models import _bytes_to_unicode
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -27,23 +29,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _byte_chars() -> list[str]:
-    # GPT-2 / CLIP byte -> unicode table (the standard construction)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder: Path, max_length: int = 16) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _byte_chars():
+    for ch in _bytes_to_unicode().values():  # the integration tests' own table, one copy
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab))

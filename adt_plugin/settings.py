@@ -46,7 +46,7 @@ class AdtSettings:
     # balance of the two generator terms: grad = the adversarial gradient scaled to
     # adv_ratio x the diffusion gradient at the shared denoiser output (then lambda_diff
     # only scales the total); none = the paper's L_adv + lambda_diff * L_diff, literally.
-    # (See README, "Making ADT work": taken literally, the adversarial gradient is
+    # (See docs/demo.md, "What the digits study found": taken literally, the adversarial gradient is
     # ~10x the diffusion gradient and wrecks the samples.)
     adv_balance: str = "grad"
     adv_ratio: float = 0.3

@@ -26,7 +26,7 @@ from .pretrain import Pretrained, PretrainConfig, drop_labels
 
 STRATEGY_ORDER = ("base", "ft", "adt", "ip", "at")
 
-# What the demo changes from the core's defaults, and why (README, "Making ADT work"):
+# What the demo changes from the core's defaults, and why (docs/demo.md, "What the digits study found"):
 DEMO_ADT: dict[str, Any] = {
     # a generator step every iteration: with the paper's H = 5 the generator gets a fifth
     # of FT's updates in the same number of iterations and does not even learn the style

@@ -31,7 +31,7 @@ import torch
 
 from .adapter import Cond
 from .checkpoint import load_discriminator, save_discriminator
-from .strategies import LossStrategy, StrategyOutput, TrainBatch
+from .strategies import STRATEGIES, LossStrategy, StrategyOutput, TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -199,4 +199,28 @@ class GeneratorStepGate:
                 del self.optimizer.step
 
 
-__all__ = ["FunctionAdapter", "GeneratorStepGate", "StrategyRunner", "loop_loss"]
+def start_line(settings: Any, model_label: str) -> str:
+    """What a trainer plugin prints at start: the strategy and what it does with its settings
+    (the rollout, CFG and H only where the strategy has them)."""
+    s = settings
+    if s.strategy == "adt":
+        what = (
+            f"rollout {s.sampler} x {s.num_inference_steps} steps (graph through {s.k_graph_steps}), "
+            f"CFG {s.guidance_scale}, {s.discriminator} discriminator on {s.backbone_path} taps "
+            f"{','.join(map(str, s.taps))}, generator update every {s.g_every} iteration(s)"
+        )
+    elif s.strategy == "ft":
+        what = "plain diffusion loss at uniform timesteps, a generator update every iteration"
+    elif s.strategy == "ip":
+        what = f"input perturbation (DDPM-IP) gamma {s.ip_gamma}, a generator update every iteration"
+    elif s.strategy == "at":
+        what = (
+            f"adversarial input perturbation, {s.at_steps} replays, epsilon {s.at_epsilon}, step {s.at_step_size}, "
+            "a generator update every iteration"
+        )
+    else:  # a strategy registered later: its one-line description
+        what = STRATEGIES.get(s.strategy, "")
+    return f"ADT: strategy {s.strategy}, {model_label}: {what}"
+
+
+__all__ = ["FunctionAdapter", "GeneratorStepGate", "StrategyRunner", "loop_loss", "start_line"]

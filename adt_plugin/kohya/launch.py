@@ -145,6 +145,18 @@ def resolve(argv: list[str], family_name: Optional[str]) -> tuple[Family, Path, 
     return family, check_sd_scripts(Path(root), family), argv
 
 
+def check_before_loading(script_args: Sequence[str], family: Family):
+    """Everything about the ADT settings that can be checked before sd-scripts imports its
+    modules and loads the model; a problem is one line (exit code 1). Returns the settings."""
+    from ..settings import SettingsError
+    from .args import read_adt_options
+
+    try:
+        return read_adt_options(script_args, family.defaults)
+    except SettingsError as err:
+        raise LaunchError(str(err)) from None
+
+
 def build_parser(script_module) -> argparse.ArgumentParser:
     from .args import add_adt_arguments
 
@@ -158,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     options, argv = split_accelerate_options(argv)
     apply_accelerate_options(options)
     fam, root, script_args = resolve(argv, family)
+    check_before_loading(script_args, fam)
 
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))

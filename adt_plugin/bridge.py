@@ -79,6 +79,9 @@ def loop_loss(out: StrategyOutput, zero_grad_params: Optional[Iterable[torch.Ten
     return value + zero
 
 
+GENERATOR_STEPS = "generator_steps"  # discriminator-file metadata: StrategyRunner.generator_steps
+
+
 class StrategyRunner:
     """One strategy inside a foreign loop: decisions, logs, checkpoints.
 
@@ -90,6 +93,9 @@ class StrategyRunner:
         strategy.micro_batches = max(1, int(micro_batches))
         self.updates_generator = True  # the decision of the latest call (= of its window)
         self.logs: dict[str, float] = {}
+        #: windows that updated the generator so far; saved with the discriminator, so a
+        #: resumed run counts on
+        self.generator_steps = 0
 
     @property
     def micro_batches(self) -> int:
@@ -112,8 +118,11 @@ class StrategyRunner:
         if closes_window:
             n = self.micro_batches
             self.strategy.step = -(-self.strategy.step // n) * n
+        closes = closes_window if closes_window is not None else self.strategy.step % self.micro_batches == 0
+        if out.updates_generator and closes:
+            self.generator_steps += 1
         self.updates_generator = out.updates_generator
-        self.logs = dict(out.logs)
+        self.logs = {**out.logs, "adt/generator_steps": float(self.generator_steps)}
         return loop_loss(out, zero_grad_params)
 
     def generator_lr_factor(self) -> float:
@@ -127,10 +136,12 @@ class StrategyRunner:
     def save(self, path: str | Path, extra_metadata: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
         if not self.has_discriminator:
             return None
-        return save_discriminator(path, self.strategy, extra_metadata)
+        return save_discriminator(path, self.strategy, {**(extra_metadata or {}), GENERATOR_STEPS: str(self.generator_steps)})
 
     def load(self, path: str | Path) -> dict[str, str]:
-        return load_discriminator(path, self.strategy)
+        metadata = load_discriminator(path, self.strategy)
+        self.generator_steps = int(metadata.get(GENERATOR_STEPS, 0))
+        return metadata
 
 
 class GeneratorStepGate:

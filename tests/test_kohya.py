@@ -139,6 +139,9 @@ def test_resume_is_exact(dinov2, tmp_path):
     assert same(lora(tmp_path / "full" / "lora.safetensors"), lora(tmp_path / "resumed" / "lora.safetensors"))
     assert same(lora(tmp_path / "full" / "lora.adt_disc.safetensors"), lora(tmp_path / "resumed" / "lora.adt_disc.safetensors"))
     assert full.losses[2:] == resumed.losses
+    # the generator-step count goes on from the state (iteration 3 is D-only, 4 a generator step)
+    assert [log["adt/generator_steps"] for log in resumed.tracker_logs] == [1.0, 2.0]
+    assert [log["adt/generator_steps"] for log in full.tracker_logs] == [0.0, 1.0, 1.0, 2.0]
 
 
 def test_resuming_a_state_without_adt_starts_a_fresh_discriminator(dinov2, tmp_path, caplog):

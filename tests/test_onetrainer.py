@@ -269,6 +269,7 @@ def test_discriminator_in_backups_and_beside_saves_and_restored(tmp_path, caplog
     cfg.continue_last_backup = True
     resumed, _ = prepared(cfg, seed=1)
     assert resumed.adt_runner.strategy.step == 2
+    assert resumed.adt_runner.generator_steps == 1  # the count goes on where the backup left it
     saved = load_file(str(backup / ot_setup.BACKUP_FILE))
     state = resumed.adt_runner.strategy.disc.state_for_checkpoint()
     assert all(torch.equal(saved[f"disc.{k}"], v) for k, v in state.items())

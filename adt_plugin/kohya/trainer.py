@@ -170,10 +170,7 @@ class AdtRun:
         return out
 
     def logs(self) -> dict[str, float]:
-        logs = dict(self.runner.logs) if self.runner is not None else {}
-        if self.gate is not None:
-            logs["adt/generator_steps"] = float(self.gate.taken)
-        return logs
+        return dict(self.runner.logs) if self.runner is not None else {}
 
 
 class AdtTrainerMixin:

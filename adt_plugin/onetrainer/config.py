@@ -68,6 +68,10 @@ def source_of(section: Mapping[str, Any]) -> str:
     named = _loading_from.get()
     if named:
         return named
+    for value in _flag_values(sys.argv, "--config-value"):  # scripts/train.py --config-value adt.<key>=<value>
+        key, _, text = value.partition("=")
+        if dict(section) == {key.removeprefix(f"{SECTION}."): text}:
+            return f"--config-value {value}"
     for flag, kind in (("--config-path", "config"), ("--preset-path", "preset")):
         path = _flag_value(sys.argv, flag)
         if path is None:
@@ -82,12 +86,18 @@ def source_of(section: Mapping[str, Any]) -> str:
 
 
 def _flag_value(argv: list[str], flag: str) -> Optional[str]:
+    values = _flag_values(argv, flag)
+    return values[-1] if values else None
+
+
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    values = []
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+            values.append(argv[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
 
 
 def check_section_data(data: Any, source: Optional[str] = None) -> dict[str, Any]:

@@ -79,10 +79,14 @@ class AdtTab:
         self.components = view.components
         self.ui_state = view.ui_state
         self.status = None
+        self.widgets: dict[str, Any] = {}  # setting -> its widget
         self.page = view._create_scrollable_tab(self._build)
         view.tabview.addTab(self.page, TITLE)
         view._tab_widgets[TITLE] = self.page
-        self.ui_state.get_var(SECTION).add_var_trace(ENABLED, self._enabled_changed)
+        section_state = self.ui_state.get_var(SECTION)
+        section_state.add_var_trace(ENABLED, self._enabled_changed)
+        for name, *_ in FIELDS:
+            section_state.add_var_trace(name, self.refresh)
         for name in ("model_type", "training_method"):
             self.ui_state.add_var_trace(name, self.refresh)
         self._shown_enabled = self.section.enabled
@@ -99,19 +103,20 @@ class AdtTab:
         layout.setColumnStretch(1, 1)
         c.label(frame, 0, 0, "ADT", tooltip="Train with Adversarial Diffusion Tuning (adt-plugin) instead of "
                 "OneTrainer's own loss; off: OneTrainer trains as usual")
-        c.switch(frame, 0, 1, self.ui_state, f"{SECTION}.{ENABLED}")
-        self.status = c.label(frame, 1, 1, "", wraplength=640)
+        self.widgets[ENABLED] = c.switch(frame, 0, 1, self.ui_state, f"{SECTION}.{ENABLED}")
+        self.status = c.label(frame, 1, 1, "")
         for row, (name, label, tooltip, choices) in enumerate(FIELDS, start=2):
             c.label(frame, row, 0, label, tooltip=tooltip)
             var = f"{SECTION}.{name}"
             if choices is not None:
-                c.options(frame, row, 1, list(choices), self.ui_state, var)
+                widget = c.options(frame, row, 1, list(choices), self.ui_state, var)
             elif isinstance(getattr(self.section, name), bool):
-                c.switch(frame, row, 1, self.ui_state, var)
+                widget = c.switch(frame, row, 1, self.ui_state, var)
             else:
-                c.entry(frame, row, 1, self.ui_state, var, tooltip=tooltip, extra_validate=self._validator(name))
-        c.label(frame, len(FIELDS) + 2, 0, "Everything else (taps, head channels, augmentation, ...): the adt "
-                "section of the saved config or preset.", wraplength=640)
+                widget = c.entry(frame, row, 1, self.ui_state, var, tooltip=tooltip, extra_validate=self._validator(name))
+            self.widgets[name] = widget
+        c.label(frame, len(FIELDS) + 2, 1, "Everything else (taps, head channels, augmentation, ...): the adt "
+                "section of the saved config or preset.")
         c._pack_form(frame)
 
     def _validator(self, name: str) -> Callable[[str], Optional[str]]:
@@ -147,13 +152,11 @@ class AdtTab:
         model_type, method = config.model_type, config.training_method
         if family_of(model_type) is None or getattr(method, "name", None) not in TRAINING_METHODS:
             supported = ", ".join(f.label for f in FAMILIES.values())
-            return (f"but ADT does not train {getattr(model_type, 'name', model_type)} "
-                    f"{getattr(method, 'name', method)}: training stops with an error until ADT is turned off or the "
-                    f"model is one of {supported} (LoRA or fine-tune)")
+            return (f"but not for {getattr(model_type, 'name', model_type)} {getattr(method, 'name', method)}: "
+                    f"training stops with an error (ADT trains {supported}, LoRA or fine-tune)")
         if section.strategy == "adt":
             return (f"strategy adt, rollout {section.sampler} x {section.num_inference_steps}, CFG {section.guidance_scale}, "
-                    f"generator update every {section.g_every}, DINOv2 {section.backbone_path} taps "
-                    f"{','.join(map(str, section.taps))}")
+                    f"generator update every {section.g_every}")
         return f"strategy {section.strategy}: {STRATEGIES.get(section.strategy, '')}"
 
     def refresh(self) -> None:

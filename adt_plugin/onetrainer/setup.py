@@ -216,7 +216,6 @@ class AdtSetupMixin:
             step = model.train_progress.global_step
             for tag, value in self.adt_runner.logs.items():
                 tensorboard.add_scalar(tag, value, step)
-            tensorboard.add_scalar("adt/generator_steps", self.adt_gate.taken, step)
 
 
 def wrap_setup_class(cls: type, family: Family) -> type:

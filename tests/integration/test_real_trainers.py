@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,11 +113,15 @@ class TestSdScripts:
         assert [s for s, _ in tags["loss/current"]] == [s for s, _ in tags["loss/diff"]]
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(tags["loss/current"], tags["loss/diff"]))
 
+        assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
+
         rc, log = self.train(world, tmp_path / "resumed", "--max_train_steps", "4", "--resume", out / "tiny-step00000003-state",
-                             "--skip_until_initial_step")
+                             "--skip_until_initial_step", "--logging_dir", tmp_path / "resumed_logs")
         assert rc == 0, log[-3000:]
         assert "ADT: discriminator restored from" in log
         assert (tmp_path / "resumed" / "tiny.adt_disc.safetensors").exists()
+        # iteration 4 is a generator step: the count goes on from the state's 1, not from 0
+        assert [v for _, v in scalars(python, tmp_path / "resumed_logs")["adt/generator_steps"]] == [2.0]
 
     def test_resuming_a_plain_sd_scripts_state_starts_a_fresh_discriminator(self, world, tmp_path):
         rc, log = self.train(world, tmp_path / "plain", "--max_train_steps", "1", "--save_every_n_steps", "1", "--save_state",
@@ -141,11 +146,22 @@ class TestSdScripts:
         assert result["d_only_grads"] == 0 and result["g_grads"] >= 0.8 * result["params"] > 0
         assert result["decoded"] == [1, 3, 64, 64] and result["decode_grad"] is True
 
-    def test_unknown_adt_option_in_a_config_file_is_named(self, world, tmp_path):
-        config = tmp_path / "c.toml"
-        config.write_text("[adt]\nadt_lamda_diff = 0.3\n")
-        rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", "--config_file", config)
-        assert rc != 0 and "did you mean 'adt_lambda_diff'" in log
+    @pytest.mark.parametrize("extra, toml_text, message", [
+        (["--adt_g_evry", "3"], None, "command line: unknown option --adt_g_evry; did you mean --adt_g_every?"),
+        (["--adt_g_every", "five"], None, "command line: argument --adt_g_every: invalid int value: 'five'"),
+        ([], "[adt]\nadt_lamda_diff = 0.3\n", "c.toml / command line: unknown ADT option 'adt_lamda_diff'; did you mean 'adt_lambda_diff'?"),
+        ([], "[adt]\nadt_g_every = 0\n", "c.toml / command line: g_every must be >= 1, got 0"),
+    ], ids=["misspelt-flag", "bad-value", "misspelt-toml-key", "out-of-range"])
+    def test_bad_adt_options_stop_before_sd_scripts_starts(self, world, tmp_path, extra, toml_text, message):
+        if toml_text is not None:
+            (tmp_path / "c.toml").write_text(toml_text)
+            extra = extra + ["--config_file", tmp_path / "c.toml"]
+        started = time.monotonic()
+        rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", *extra)
+        seconds = time.monotonic() - started
+        assert rc != 0 and f"adt_plugin.kohya: {message}" in log, log[-3000:]
+        assert "Traceback" not in log and "prepare tokenizer" not in log  # sd-scripts never started
+        print(f"stopped after {seconds:.1f} s: {message}")
 
 
 SD3_CHECK = """
@@ -238,10 +254,10 @@ class TestOneTrainer:
         path.write_text(json.dumps(config))
         return path
 
-    def train(self, world, config: Path):
+    def train(self, world, config: Path, *extra):
         _, python, checkout = world
         return run([python, "scripts/train.py", "--preset-path", "training_presets/SD1.5/#sd 1.5 LoRA ADT.json",
-                    "--config-path", config], cwd=checkout)
+                    "--config-path", config, *extra], cwd=checkout)
 
     def test_preset_trains_saves_backs_up_and_continues(self, world, tmp_path):
         _, python, checkout = world
@@ -263,6 +279,58 @@ class TestOneTrainer:
         rc, log = self.train(world, self.config(world, workspace, continue_last_backup=True, epochs=2))
         assert rc == 0, log[-3000:]
         assert "ADT: discriminator restored from" in log and str(workspace / "backup") in log
+        runs = sorted(p for p in (workspace / "tensorboard").iterdir() if p.is_dir())
+        continued = scalars(python, runs[-1])["adt/generator_steps"]
+        # the second epoch's 4 iterations go on from the backup's 2 generator steps
+        assert [v for _, v in continued] == [2.0, 3.0, 3.0, 4.0], continued
+
+    @pytest.mark.parametrize("adt, values, message", [
+        ({"g_evry": 3}, [], "[adt]: unknown key 'g_evry'; did you mean 'g_every'?"),
+        ({"g_every": "five"}, [], "[adt]: key 'g_every' must be an integer, got 'five'"),
+        ({}, ["adt.g_every=five"], "[adt]: key 'g_every' must be an integer, got 'five'"),
+        ({"g_every": 0}, [], "OneTrainer config [adt]: g_every must be >= 1, got 0"),
+    ], ids=["misspelt-key", "bad-type", "bad-config-value", "out-of-range"])
+    def test_bad_adt_settings_stop_before_the_model_loads(self, world, tmp_path, adt, values, message):
+        _, python, checkout = world
+        config = self.config(world, tmp_path / "ws")
+        data = json.loads(config.read_text())
+        data["adt"].update(adt)
+        config.write_text(json.dumps(data))
+        extra = [arg for value in values for arg in ("--config-value", value)]
+        started = time.monotonic()
+        rc, log = self.train(world, config, *extra)
+        seconds = time.monotonic() - started
+        assert rc != 0 and message in log, log[-3000:]
+        if message.startswith("[adt]"):  # read from a file or an override: named
+            named = f"config {config}" if adt else f"--config-value {values[0]}"
+            assert f"adt-plugin: {named}: {message}" in log, log[-3000:]
+        assert "Traceback" not in log and "Could not set" not in log
+        assert not (tmp_path / "ws" / "cache").exists()  # nothing was loaded or cached
+        print(f"stopped after {seconds:.1f} s: {message}")
+
+    def test_gui_tab_shows_and_edits_the_adt_section(self, world, tmp_path):
+        _, python, checkout = world
+        gui_python = os.environ.get("ADT_ONETRAINER_GUI_PYTHON", python)
+        rc, _ = run([gui_python, "-c", "import PySide6"])
+        if rc != 0:
+            pytest.skip(f"{gui_python} has no PySide6 (OneTrainer's Qt GUI); set ADT_ONETRAINER_GUI_PYTHON")
+        shot = tmp_path / "adt_tab.png"
+        rc, out = run([gui_python, HERE / "onetrainer_gui_check.py", shot], cwd=checkout, QT_QPA_PLATFORM="offscreen")
+        assert rc == 0, out[-3000:]
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["start"]["title"] == "ADT: off" and seen["start"]["switch"] is False
+        # the ADT preset turns it on, and the tab shows the preset's values
+        assert seen["adt_preset"]["title"] == "ADT: on" and seen["adt_preset"]["switch"] is True
+        assert seen["adt_preset"]["g_every_text"] == "5" and "rollout ddim x 50" in seen["adt_preset"]["status"]
+        # what is typed is what the config holds (and what a saved config keeps); a bad value stops "Start Training"
+        assert seen["typed_3"]["g_every"] == 3 and "generator update every 3" in seen["typed_3"]["status"]
+        assert seen["errors_at_0"] == ["adt.g_every: g_every must be >= 1, got 0"] and seen["errors_at_4"] == []
+        assert seen["saved_section"]["g_every"] == 4 and seen["saved_section"]["enabled"] is True
+        # a stock preset turns it off, visibly (tab title, status, console)
+        assert seen["stock_preset"]["title"] == "ADT: off" and seen["stock_preset"]["enabled"] is False
+        assert "ADT: off (OneTrainer trains with its own loss)" in out
+        assert seen["switched_on"]["enabled"] is True and seen["switched_on"]["title"] == "ADT: on"
+        assert shot.stat().st_size > 10_000
 
     def test_uninstall_leaves_onetrainer_as_it_was(self, world):
         _, python, checkout = world

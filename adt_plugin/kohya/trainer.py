@@ -4,9 +4,10 @@ SdxlNetworkTrainer and Sd3NetworkTrainer.
 sd-scripts has no loss hook; the mixin overrides the trainer methods that
 `NetworkTrainer.train()` calls (mirrors sd-scripts main @ 48d368fa). Set-up, once:
 
-  assert_extra_args                    reads the `--adt_*` settings, refuses what ADT cannot run with
   get_tokenize_strategy / get_text_encoding_strategy
-                                       keeps sd-scripts' strategies for the empty prompt
+                                       keep sd-scripts' strategies for the empty prompt (the
+                                       first of them reads the `--adt_*` settings)
+  assert_extra_args                    refuses what ADT cannot run with, names ignored options
   cache_text_encoder_outputs_if_needed encodes the empty prompt (unconditional branch of CFG)
   post_process_network                 builds the strategy; writes the discriminator beside every
                                        LoRA file (`network.save_weights`) and into every
@@ -180,27 +181,30 @@ class AdtTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.adt: Optional[AdtRun] = None  # set by assert_extra_args
+        self.adt: Optional[AdtRun] = None  # made by the first set-up hook, see _adt_run
 
     # -- set-up --------------------------------------------------------------------------
-    def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
-        super().assert_extra_args(args, train_dataset_group, val_dataset_group)
-        config_file = getattr(args, "config_file", None)
-        source = f"{config_file}.toml / command line" if config_file else "command line"
-        settings = settings_from_args(args, self.adt_family.defaults, source=source)
-        check_args(args, settings)
-        self.adt = AdtRun(self.adt_family, settings)
+    def _adt_run(self, args) -> AdtRun:
+        """The run's state, made by whichever set-up hook sd-scripts calls first
+        (get_tokenize_strategy, at 48d368fa)."""
+        if self.adt is None:
+            config_file = getattr(args, "config_file", None)
+            source = f"{config_file}.toml / command line" if config_file else "command line"
+            self.adt = AdtRun(self.adt_family, settings_from_args(args, self.adt_family.defaults, source=source))
+        return self.adt
 
     def get_tokenize_strategy(self, args):
         strategy = super().get_tokenize_strategy(args)
-        if self.adt is not None:
-            self.adt.tokenize_strategy = strategy
+        self._adt_run(args).tokenize_strategy = strategy
         return strategy
+
+    def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
+        super().assert_extra_args(args, train_dataset_group, val_dataset_group)
+        check_args(args, self._adt_run(args).settings)
 
     def get_text_encoding_strategy(self, args):
         strategy = super().get_text_encoding_strategy(args)
-        if self.adt is not None:
-            self.adt.text_encoding_strategy = strategy
+        self._adt_run(args).text_encoding_strategy = strategy
         return strategy
 
     def cache_text_encoder_outputs_if_needed(self, args, accelerator, unet, vae, text_encoders, dataset, weight_dtype):
@@ -218,9 +222,7 @@ class AdtTrainerMixin:
     def post_process_network(self, args, accelerator, network, text_encoders, unet):
         """The strategy, and its checkpoints beside sd-scripts' own."""
         super().post_process_network(args, accelerator, network, text_encoders, unet)
-        if self.adt is None:  # used without assert_extra_args (sd-scripts always calls it first)
-            self.adt = AdtRun(self.adt_family, settings_from_args(args, self.adt_family.defaults))
-        adt = self.adt
+        adt = self._adt_run(args)
         adt.scheduler_config = self.adt_family.scheduler_config(self, args)
         strategy = build_strategy(adt.settings, adt.scheduler_config, device=accelerator.device)
         adt.runner = StrategyRunner(strategy, micro_batches=args.gradient_accumulation_steps)

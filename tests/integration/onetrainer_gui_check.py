@@ -75,12 +75,20 @@ def main(screenshot: str) -> None:
     state("typed_4")
     seen["saved_section"] = config.to_settings_dict(secrets=False)["adt"]
 
+    bad = "training_configs/adt-misspelt.json"  # a config file of the user's, with a misspelt adt key
+    os.makedirs("training_configs", exist_ok=True)
+    with open(bad, "w") as f:
+        json.dump({"learning_rate": 0.5, "adt": {"enabled": True, "g_evry": 2}}, f)
+    load(bad)
+    state("bad_config")
+    seen["bad_config"]["learning_rate"] = config.learning_rate
+
     load(STOCK_PRESET)
     state("stock_preset")
     tab.widgets["enabled"].click()
     state("switched_on")
     window.close()
-    print(json.dumps(seen))
+    print(json.dumps(seen), flush=True)
     os._exit(0)  # skip Qt's teardown of a window that never ran an event loop
 
 

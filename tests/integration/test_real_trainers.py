@@ -149,13 +149,14 @@ class TestSdScripts:
     @pytest.mark.parametrize("extra, toml_text, message", [
         (["--adt_g_evry", "3"], None, "command line: unknown option --adt_g_evry; did you mean --adt_g_every?"),
         (["--adt_g_every", "five"], None, "command line: argument --adt_g_every: invalid int value: 'five'"),
-        ([], "[adt]\nadt_lamda_diff = 0.3\n", "c.toml / command line: unknown ADT option 'adt_lamda_diff'; did you mean 'adt_lambda_diff'?"),
-        ([], "[adt]\nadt_g_every = 0\n", "c.toml / command line: g_every must be >= 1, got 0"),
+        ([], "[adt]\nadt_lamda_diff = 0.3\n", "{toml} / command line: unknown ADT option 'adt_lamda_diff'; did you mean 'adt_lambda_diff'?"),
+        ([], "[adt]\nadt_at_steps = 0\n", "{toml} / command line: at_steps must be >= 1, got 0"),
     ], ids=["misspelt-flag", "bad-value", "misspelt-toml-key", "out-of-range"])
     def test_bad_adt_options_stop_before_sd_scripts_starts(self, world, tmp_path, extra, toml_text, message):
         if toml_text is not None:
             (tmp_path / "c.toml").write_text(toml_text)
             extra = extra + ["--config_file", tmp_path / "c.toml"]
+        message = message.format(toml=tmp_path / "c.toml")
         started = time.monotonic()
         rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", *extra)
         seconds = time.monotonic() - started

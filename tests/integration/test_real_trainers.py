@@ -52,6 +52,15 @@ def load(python: str, path: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def digests(python: str, path: Path) -> dict:
+    """{key: [number of non-zero values, sha1 of the bytes]} of a safetensors file (for big ones)."""
+    rc, out = run([python, "-c", "import hashlib, json, sys\nfrom safetensors.torch import load_file\n"
+                   "print(json.dumps({k: [int(v.count_nonzero()), hashlib.sha1(v.float().numpy().tobytes()).hexdigest()] "
+                   "for k, v in load_file(sys.argv[1]).items()}))", path])
+    assert rc == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def scalars(python: str, folder: Path) -> dict:
     rc, out = run([python, "-c", "import glob, json, sys\n"
                    "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n"
@@ -131,6 +140,40 @@ class TestSdScripts:
                              tmp_path / "plain" / "tiny-step00000001-state", "--skip_until_initial_step")
         assert rc == 0, log[-3000:]
         assert "fresh discriminator" in log
+
+    @pytest.mark.skipif(os.environ.get("ADT_SD_SCRIPTS_SDXL") == "0", reason="ADT_SD_SCRIPTS_SDXL=0")
+    def test_sdxl_trains_in_sd_scripts_own_sdxl_trainer(self, world, tmp_path):
+        """sdxl_train_network.py itself. Its SDXL UNet has fixed sizes, so this one is a
+        full-size random SDXL UNet (2.6B, bfloat16, ~5 GB on disk, ~15 GB of memory while
+        sd-scripts converts it) with small text encoders of the widths it reads; 64 px,
+        two ADT iterations (set ADT_SD_SCRIPTS_SDXL=0 to skip it)."""
+        root, python = world
+        build(python, f"sys.path.insert(0, {str(SD_SCRIPTS)!r})\nfrom library import sdxl_model_util\n"
+                      f"t.sdxl_diffusers_for_sd_scripts(Path({str(tmp_path / 'sdxl')!r}), Path({str(tmp_path / 'tok')!r}), "
+                      "sdxl_model_util.DIFFUSERS_SDXL_UNET_CONFIG)")
+        out = tmp_path / "out"
+        cmd = [python, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "2", "--mixed_precision", "bf16",
+               "-m", "adt_plugin.kohya.launch", Path(SD_SCRIPTS) / "sdxl_train_network.py",
+               "--pretrained_model_name_or_path", tmp_path / "sdxl", "--tokenizer_cache_dir", tmp_path / "tok",
+               "--train_data_dir", root / "data", "--caption_extension", ".txt", "--output_dir", out, "--output_name", "tiny",
+               "--resolution", "64", "--network_module", "networks.lora", "--network_dim", "4", "--network_train_unet_only",
+               "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--sdpa", "--seed", "1", "--cache_latents",
+               "--no_half_vae", "--max_data_loader_n_workers", "0", "--max_train_steps", "2", "--save_every_n_steps", "1",
+               "--logging_dir", tmp_path / "logs", "--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3",
+               "--adt_num_inference_steps", "3", "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
+        try:
+            rc, log = run(cmd)
+            assert rc == 0, log[-3000:]
+            assert "ADT: strategy adt, SDXL: rollout ddim x 3 steps" in log and ", CFG 5.0," in log  # SDXL's CFG default
+            step1, step2 = (digests(python, out / f"tiny-step0000000{i}.safetensors") for i in (1, 2))
+            assert all(nonzero == 0 for k, (nonzero, _) in step1.items() if "lora_up" in k)  # iteration 1: D only
+            assert all(step1[k] != step2[k] for k in step1 if "lora_up" in k)  # iteration 2 moved every LoRA
+            assert (out / "tiny.adt_disc.safetensors").exists()
+            tags = scalars(python, tmp_path / "logs")
+            assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0]
+            assert [v == v for _, v in tags["loss/G"]] == [True]  # one generator step, finite
+        finally:
+            shutil.rmtree(tmp_path / "sdxl", ignore_errors=True)  # 5 GB
 
     def test_sd3_family_with_sd_scripts_own_sd3_models(self, world, tmp_path):
         """SD3's thin part on sd-scripts' real MMDiT, SDVAE and text-encoding strategy (a

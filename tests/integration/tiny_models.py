@@ -173,6 +173,41 @@ def tiny_sdxl_full_diffusers(folder: Path) -> Path:
     return folder
 
 
+def sdxl_diffusers_for_sd_scripts(folder: Path, tokenizer_folder: Path, unet_config: dict) -> Path:
+    """A diffusers SDXL folder sd-scripts' sdxl_train_network.py loads: sd-scripts converts
+    the UNet to its own SDXL UNet, whose sizes are fixed (`unet_config` is sd-scripts'
+    DIFFUSERS_SDXL_UNET_CONFIG: 2.6B random weights, made and saved in bfloat16, ~5 GB),
+    and reads text encoder 1's hidden_states[11] (12 layers of width 768) and text encoder
+    2's penultimate layer and projection (width 1280; 768 + 1280 = the UNet's 2048-wide
+    cross-attention). Tokenizers are read from `tokenizer_folder` (--tokenizer_cache_dir)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    vocab = tiny_clip_tokenizer(tokenizer_folder / "openai_clip-vit-large-patch14")
+    tiny_clip_tokenizer(tokenizer_folder / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")
+    tiny_clip_tokenizer(folder / "tokenizer_2")  # the pipeline loader wants it; sd-scripts uses the cached ones
+    tiny_clip_text_model(vocab, hidden=768, layers=12, seed=0).save_pretrained(str(folder / "text_encoder"))
+    tiny_clip_text_model(vocab, hidden=1280, layers=2, projection=True, seed=1).save_pretrained(str(folder / "text_encoder_2"))
+    tiny_vae().save_pretrained(str(folder / "vae"))
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        unet = UNet2DConditionModel(**unet_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    unet.save_pretrained(str(folder / "unet"))
+    del unet
+    DDIMScheduler.from_config({**SD_SCHEDULER, "timestep_spacing": "leading"}).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.32.1", "force_zeros_for_empty_prompt": True,
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": [None, None],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
 def tiny_t5(folder: Path, d_model: int, seed: int = 0) -> None:
     """A T5 tokenizer from a hand-written unigram vocab (letters, with and without the
     word-start mark; transformers >= 5 builds T5Tokenizer from such a list, no

@@ -63,12 +63,17 @@ def loop_loss(out: StrategyOutput, zero_grad_params: Optional[Iterable[torch.Ten
     iterations: no gradient reaches the generator; by default nothing at all (a
     fresh leaf), or, given `zero_grad_params`, exact zero gradients for those
     parameters (for loops whose GradScaler insists that every stepped optimizer
-    recorded gradients)."""
+    recorded gradients).
+
+    The shown value is `shown + (loss - loss)`: `loss - loss` is exactly 0 for
+    any finite loss, so the value is the diffusion loss to the last bit however
+    large the generator loss is. (`loss + (shown - loss)` would round `shown`
+    away in float32 once |loss| is some 1e7 times larger.)"""
     shown = out.logs.get("loss/diff")
     if out.updates_generator:
         if shown is None:
             return out.loss
-        return out.loss + (torch.as_tensor(shown, dtype=out.loss.dtype, device=out.loss.device) - out.loss.detach())
+        return torch.as_tensor(shown, dtype=out.loss.dtype, device=out.loss.device) + (out.loss - out.loss.detach())
     value = out.loss.detach().clone()
     if zero_grad_params is None:
         return value.requires_grad_(True)

@@ -1,5 +1,5 @@
-"""The strategy contract (strategies/base.py): registry, settings, windows, what is
-declared, compute accounting."""
+"""The strategy contract (strategies/base.py): registry, windows, what is declared,
+compute accounting, the balance's bound, the shown loss, and the multi-process helpers."""
 
 import ast
 import dataclasses
@@ -11,11 +11,12 @@ import torch
 from tiny import DDPM_CONFIG, TinyAdapter, TinyDenoiser, tiny_dinov2
 
 from adt_plugin import AdtSettings, SettingsError, TrainBatch, build_strategy
-from adt_plugin.bridge import StrategyRunner
+from adt_plugin.bridge import StrategyRunner, loop_loss
 from adt_plugin.checkpoint import load_discriminator, save_discriminator
 from adt_plugin.discriminator import DiscriminatorConfig
 from adt_plugin.rollout import RolloutConfig
 from adt_plugin.strategies import STRATEGIES, Cost, LossStrategy, StrategyOutput, register_strategy
+from adt_plugin.strategies.adt import MAX_ADV_WEIGHT
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adt_plugin"
 
@@ -258,3 +259,40 @@ def test_the_cost_total_resumes_exactly_from_a_state_and_from_a_discriminator_fi
         for _ in range(2):
             resumed(model, batch(3))
         assert resumed.cost_total == whole.cost_total
+
+
+# --- the balance's bound, and the loss a foreign loop shows -------------------------------------
+
+
+def test_a_discriminator_without_signal_gets_a_bounded_weight():
+    """Near-constant projected logits: the adversarial gradient at the first output is
+    some 1e-9 of the diffusion gradient, and w = ratio * |g_diff| / |g_adv| would be ~1e8."""
+    strategy = make_adt(g_every=1, discriminator="projected", d_lr=1e-12)
+    with torch.no_grad():
+        for logit in strategy.discriminator.logits:
+            logit.weight.mul_(1e-9)
+    model = TinyAdapter(TinyDenoiser())
+    for _ in range(3):
+        out = strategy(model, batch())
+        assert out.logs["adt/balance_unbounded"] > 1e4  # what the balance alone would have asked for
+        assert out.logs["adt/balance"] == MAX_ADV_WEIGHT == 1.0
+        assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff_uniform"], rel=1e-5)
+        assert abs(out.logs["loss/G"]) < 10
+
+
+def test_a_balanced_weight_below_the_bound_is_unchanged():
+    strategy = make_adt(g_every=1, num_inference_steps=4)
+    model = TinyAdapter(TinyDenoiser())
+    seen = [strategy(model, batch()).logs for _ in range(6)]
+    below = [logs for logs in seen if logs["adt/balance_unbounded"] < MAX_ADV_WEIGHT]
+    assert below and all(logs["adt/balance"] == logs["adt/balance_unbounded"] for logs in below)
+
+
+def test_the_loop_loss_shows_the_diffusion_loss_exactly_beside_a_huge_generator_loss():
+    w = torch.tensor(1.0, requires_grad=True)
+    huge = -2.97e7 * w  # loss/G of the sd-scripts run
+    shown = 0.1234567
+    value = loop_loss(StrategyOutput(huge, True, {"loss/diff": shown}))
+    assert value.item() == torch.tensor(shown, dtype=torch.float32).item()  # exact, not 0.0 or 2.0
+    value.backward()
+    assert w.grad.item() == -2.97e7

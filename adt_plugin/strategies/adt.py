@@ -20,6 +20,7 @@ Options beyond the paper (the paper's formulation is `adv_balance="none"`,
   the diffusion loss as the model fits. It costs no extra pass through the
   discriminator or the decoder: their gradient w.r.t. x_hat_0 is taken once and
   the trainer's backward continues from it.
+  w is at most `MAX_ADV_WEIGHT` = 1, the weight Eq. 8 gives L_adv (see there why).
 - `reference="same_cond"`: score x_hat_0 against a *different* real image of the
   batch with the same conditioning (itself when there is none); `"any"`: against
   any other image. From a start near pure noise the rollout cannot recover the
@@ -51,6 +52,24 @@ if TYPE_CHECKING:
 def linear_warmup(steps: int):
     return lambda step: 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
 
+
+#: The ceiling of the balanced adversarial weight w: 1, L_adv's weight in the paper's Eq. 8.
+#:
+#: The balance exists to tame an adversarial gradient that is too strong (taken
+#: literally it is about 10x the diffusion gradient on the digits, and wrecks the
+#: samples); it must not amplify one that is too weak. The adversarial gradient at
+#: the first output is weak when the discriminator has almost nothing to say: an
+#: untrained or near-constant discriminator, or a rollout whose first step barely
+#: moves x_hat_0 (one step from t = 1: DDIM's eps coefficient there is about 0.01).
+#: w = ratio * |g_diff| / |g_adv| then grows without bound (5e7 was seen in a real
+#: sd-scripts run), and what it amplifies is the discriminator's noise, pushed with
+#: the full force of `adv_ratio` x the diffusion gradient, while L_G's value grows
+#: to where float32 loses the diffusion term beside it. Capped at 1, such a step
+#: is the paper's own formulation (L_adv + lambda L_diff): the adversarial term
+#: keeps the little say its gradient has and the diffusion term leads. The cap
+#: needs no state and no new setting, and it does not bite where the balance does
+#: its job (the digits demo's weights are 0.004..0.18).
+MAX_ADV_WEIGHT = 1.0
 
 #: the values of the settings `reference`, `adv_balance` and `diff_timestep` (checked by AdtSettings)
 REFERENCES = ("self", "same_cond", "any")
@@ -227,11 +246,13 @@ class AdtStrategy(LossStrategy):
                 logs["loss/diff_uniform"] = float(l_diff_g.detach())
             weight = self._adv_warmup(self.step)
             if self.settings.adv_balance == "grad":
-                g_adv_term, balance = balance_adversarial(
+                g_adv_term, unbounded = balance_adversarial(
                     g_adv, result.sample, result.first_prediction, diff_term, self.settings.adv_ratio, diff_output
                 )
+                balance = min(unbounded, MAX_ADV_WEIGHT)
                 weight *= balance
                 logs["adt/balance"] = balance
+                logs["adt/balance_unbounded"] = unbounded
             else:
                 g_adv_term = g_adv
             loss = weight * g_adv_term + diff_term

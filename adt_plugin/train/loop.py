@@ -35,6 +35,7 @@ import torch
 from .. import __version__
 from ..checkpoint import disc_path_for, save_discriminator
 from ..decode import LatentDecoder
+from ..distributed import all_true, average_gradients, check_in_sync
 from ..fileio import atomic_write_bytes
 from ..strategies import TrainBatch, build_strategy
 from .config import ConfigError, RunConfig
@@ -118,13 +119,6 @@ class Trainer:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
-
-    def all_true(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-        return bool(value.item() > 0.5)
 
     # --- setup ---------------------------------------------------------------------
 
@@ -424,10 +418,10 @@ class Trainer:
         out = self.strategy(self.adapter, self.train_batch(batch))
         logs = dict(out.logs)
         logs["lr/G"] = self.optimizer.param_groups[0]["lr"]
-        finite = self.all_true(bool(torch.isfinite(out.loss.detach()).all()))
+        finite = all_true(bool(torch.isfinite(out.loss.detach()).all()), self.device)
         if out.updates_generator and finite:
             self.accelerator.backward(out.loss)
-            self.average_gradients()
+            average_gradients(self.params)
             max_norm = self.config.train.max_grad_norm or float("inf")
             norm = float(self.accelerator.clip_grad_norm_(self.params, max_norm))
             logs["grad_norm/G"] = norm
@@ -441,40 +435,12 @@ class Trainer:
             self.lr_scheduler.step()
         return logs, finite
 
-    def average_gradients(self) -> None:
-        if self.world == 1:
-            return
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        for p in self.params:  # a parameter without a gradient on one process still joins the sum
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
-        bucket, size = [], 0
-        for i, grad in enumerate(grads):
-            bucket.append(grad)
-            size += grad.numel() * grad.element_size()
-            if size >= 32 * 2**20 or i == len(grads) - 1:
-                flat = _flatten_dense_tensors(bucket)
-                torch.distributed.all_reduce(flat)
-                flat.div_(self.world)
-                for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                    g.copy_(synced)
-                bucket, size = [], 0
-
     def check_in_sync(self) -> None:
         """All processes must hold the same generator and discriminator weights."""
-        if self.world == 1:
-            return
         tensors = list(self.params)
-        if hasattr(self.strategy, "disc"):
-            tensors += list(self.strategy.disc.state_for_checkpoint().values())
-        local = torch.tensor([float(sum(t.double().sum() for t in tensors))], dtype=torch.float64, device=self.device)
-        gathered = [torch.zeros_like(local) for _ in range(self.world)]
-        torch.distributed.all_gather(gathered, local)
-        values = [float(g) for g in gathered]
-        if max(values) != min(values):
-            raise RuntimeError(f"processes diverged: weight checksums {values}")
+        if self.strategy.has_discriminator:
+            tensors += list(self.strategy.discriminator.state_for_checkpoint().values())
+        check_in_sync(tensors, self.device)
 
     # --- saving --------------------------------------------------------------------
 
@@ -514,7 +480,7 @@ class Trainer:
             else:
                 source = Path(config.model.path).expanduser()
                 save_single_file(path, self.family, self.denoiser, dtype, source if source.is_file() else None, record)
-            if hasattr(self.strategy, "disc"):
+            if self.strategy.has_discriminator:
                 save_discriminator(disc_path_for(path), self.strategy, {"model_file": path.name, **record})
         state_path = None
         if with_state:
@@ -645,7 +611,7 @@ class Trainer:
                         for removed in self.outputs.prune():
                             monitor.write(f"keep_last = {config.save.keep_last}: removed {removed.name}")
                     monitor.write(f"step {self.step}: saved {path.name}" + (f" and {state.name}" if state else ""))
-                if not self.all_true(self.stop_requested is None):
+                if not all_true(self.stop_requested is None, self.device):
                     path, state = self.save(self.step, True)
                     monitor.write(
                         f"{self.stop_requested or 'stop'} at step {self.step}: saved {path.name} and the "

@@ -92,7 +92,8 @@ def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, 
 
     lora = load_file(out / "tiny.safetensors")
     with safe_open(str(out / "tiny.safetensors"), "pt") as handle:
-        assert handle.metadata()["modelspec.prediction_type"] == {"v_prediction": "v"}.get(PREDICTION[family], PREDICTION[family])
+        stored = handle.metadata()["modelspec.prediction_type"]
+    assert stored == {"v_prediction": "v"}.get(PREDICTION[family], PREDICTION[family])
     assert lora and all(k.startswith("lora_unet_") for k in lora)
     assert any(k.endswith(".lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())  # B moved off zero
     if family == "sd3":

@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate the config, the output folders, the data and the model's family (and --resume's state), then stop",
+        help="check the config, the output folders, the data, the model's family (and --resume's state), then stop",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="e.g. train.learning_rate=1e-5 adt.g_every=5"

@@ -47,7 +47,7 @@ from .data import collate
 from .models import encode_latents
 from .monitor import Monitor
 from .sampling import pil_bytes, sample_grid
-from .saving import NonFiniteSave, save
+from .saving import NonFiniteSave, Saved, save
 from .setup import check_run, load_data, load_model, make_optimisation, start_processes
 from .state import Outputs, Progress, check_resume_processes, restore
 
@@ -97,8 +97,12 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
     if resume is not None:
         progress = restore(resume, checked.saved, config, model, data, strategy, optim, procs.rank, say)
 
-    def save_now(step: Optional[int], with_state: bool):
-        return save(
+    saved_models: list[Path] = []
+    last_state: Optional[Path] = None
+
+    def save_now(step: Optional[int], with_state: bool) -> Saved:
+        nonlocal last_state
+        saved = save(
             step,
             with_state,
             config=config,
@@ -110,12 +114,17 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
             procs=procs,
             outputs=outputs,
         )
+        saved_models.append(saved.model)
+        last_state = saved.state or last_state
+        return saved
+
+    def ended(status: str) -> RunResult:
+        return RunResult(status, progress.step, saved_models, last_state, progress.nonfinite_total)
 
     # --- the loop
     total = config.train.max_steps
     first_step = progress.step
     monitor = Monitor(config.log_dir, total, progress.step, procs.main, config.log.tensorboard, echo)
-    result = RunResult("done", progress.step)
     try:
         with StopSignals() as stop:
             if config.sample.every_n_steps and progress.step == 0:
@@ -151,9 +160,9 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
                         f"{config.train.max_nonfinite_steps}); {last_good_save(outputs)}. Lower the learning rates "
                         f"(train.learning_rate, adt.d_lr) or check the data."
                     )
-                    result.status, result.step, result.skipped_steps = "nonfinite", progress.step, progress.nonfinite_total
-                    return result
-                if config.sample.every_n_steps and progress.step % config.sample.every_n_steps == 0 and progress.step < total:
+                    return ended("nonfinite")
+                sample_every = config.sample.every_n_steps
+                if sample_every and progress.step % sample_every == 0 and progress.step < total:
                     draw_samples(config, model, data, procs, monitor, progress.step)
                 every = config.save.every_n_steps
                 if every and progress.step % every == 0 and progress.step < total:
@@ -163,8 +172,6 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
                         )
                     else:
                         saved = save_now(progress.step, config.save.state)
-                        result.saved.append(saved.model)
-                        result.state = saved.state or result.state
                         if procs.main:
                             for removed in outputs.prune():
                                 monitor.write(f"keep_last = {config.save.keep_last}: removed {removed.name}")
@@ -178,9 +185,7 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
                         f"{stop.reason or 'stop'} at step {progress.step}: saved {saved.model.name} and the "
                         f"resumable state {saved.state}; continue with --resume {saved.state}"
                     )
-                    return RunResult(
-                        "interrupted", progress.step, result.saved + [saved.model], saved.state, progress.nonfinite_total
-                    )
+                    return ended("interrupted")
 
             if config.sample.every_n_steps or config.sample.prompts:
                 draw_samples(config, model, data, procs, monitor, progress.step)
@@ -191,17 +196,13 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
                 + (f" and {saved.state}" if saved.state else "")
                 + (f"; {skipped} images were skipped (listed at the start)" if skipped else "")
             )
-            result.saved.append(saved.model)
-            result.state = saved.state or result.state
-            result.step, result.skipped_steps = progress.step, progress.nonfinite_total
-            return result
+            return ended("done")
     except NonFiniteSave as err:
         monitor.write(
             f"stopping at step {progress.step}: not saved: {err}; {last_good_save(outputs)}. Lower the learning "
             f"rates (train.learning_rate, adt.d_lr) or check the data."
         )
-        result.status, result.step, result.skipped_steps = "nonfinite", progress.step, progress.nonfinite_total
-        return result
+        return ended("nonfinite")
     except Exception as err:  # noqa: BLE001 - save what was trained, then say what happened
         what = f"{type(err).__name__}: {err}"
         if procs.world > 1:
@@ -216,7 +217,8 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
                     f"continue with --resume {saved.state} once the cause is fixed"
                 )
             except Exception as save_err:  # noqa: BLE001
-                kept = f"the emergency save failed too ({type(save_err).__name__}: {save_err}); {last_good_save(outputs)}"
+                failed = f"{type(save_err).__name__}: {save_err}"
+                kept = f"the emergency save failed too ({failed}); {last_good_save(outputs)}"
         raise RunAborted(f"error at step {progress.step}: {what}; {kept}") from err
     finally:
         monitor.close()
@@ -265,7 +267,9 @@ def train_batch(batch: dict, model, device: torch.device) -> TrainBatch:
     return TrainBatch(x0=x0, cond=cond)
 
 
-def batch_stream(data, position: tuple[int, int], batch_size: int, rank: int, workers: int) -> Iterator[tuple[tuple[int, int], dict]]:
+def batch_stream(
+    data, position: tuple[int, int], batch_size: int, rank: int, workers: int
+) -> Iterator[tuple[tuple[int, int], dict]]:
     """(position after this batch, batch) for this process, from `position`, forever."""
     positions: collections.deque = collections.deque()
 

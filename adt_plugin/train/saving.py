@@ -129,7 +129,8 @@ def save(
         where = disc_path.name if disc is not None else f"{state_path.name} (the strategy's state)"
         problems.append(f"{where} would hold non-finite values: {_describe(bad)}")
     if with_state:
-        bad = nonfinite(trainable.items()) + nonfinite(named_tensors(optim.optimizer.state_dict()["state"], "optimizer"))
+        moments = named_tensors(optim.optimizer.state_dict()["state"], "optimizer")
+        bad = nonfinite(trainable.items()) + nonfinite(moments)
         if bad:
             problems.append(f"{state_path.name} would hold non-finite values: {_describe(bad)}")
     if not all_true(not problems, procs.device):

@@ -259,7 +259,8 @@ def load_state(folder: Path, rank: int) -> dict[str, Any]:
     strategy_file = folder / f"strategy-rank{rank}.pt"
     if not strategy_file.is_file():
         raise ResumeError(
-            f"{folder} has no state for process {rank}: resume with the number of processes it was saved with ({info.get('world_size')})"
+            f"{folder} has no state for process {rank}: resume with the number of processes it was saved "
+            f"with ({info.get('world_size')})"
         )
     state = {
         "trainer": info,
@@ -315,7 +316,8 @@ def check_resume(folder: Path, saved: Mapping[str, Any], config, family: str) ->
         if before.get(section, {}).get(key) != now[section][key]
     ]
     if saved.get("family") != family:
-        differs.insert(0, f"model family: saved {saved.get('family')!r}, now {family!r} ([model] path {config.model.path})")
+        where = f"[model] path {config.model.path}"
+        differs.insert(0, f"model family: saved {saved.get('family')!r}, now {family!r} ({where})")
     if differs:
         note = (
             " (the discriminator's optimizer resumes with its saved rate and weight decay)"
@@ -347,7 +349,11 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, train, saved_trai
             f"train.learning_rate: the state was saved with {saved_lr:g}; continuing with {train.learning_rate:g} "
             f"(the schedule {train.lr_scheduler!r} goes on from the resumed step)"
         )
-    wanted = {"betas": (train.adam_beta1, train.adam_beta2), "eps": train.adam_epsilon, "weight_decay": train.weight_decay}
+    wanted = {
+        "betas": (train.adam_beta1, train.adam_beta2),
+        "eps": train.adam_epsilon,
+        "weight_decay": train.weight_decay,
+    }
     names = {"betas": "adam_beta1/adam_beta2", "eps": "adam_epsilon", "weight_decay": "weight_decay"}
     for key, value in wanted.items():
         changed = False

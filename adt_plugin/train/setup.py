@@ -119,7 +119,6 @@ def check_run(config: RunConfig, resume: Optional[Path] = None) -> Checked:
     report = scan_folder(config.data.folder, config.data.caption_extension, config.data.min_size)
     family = detect_family(config.model)
     check_sampler_fits(config, family)
-    # (the discriminator's backbone is checked here too, before the diffusion model loads)
     saved = None
     if resume is not None:
         saved = read_trainer_json(resume)

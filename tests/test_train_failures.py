@@ -185,6 +185,16 @@ def test_a_failed_discriminator_save_keeps_the_previous_pair(assets, tmp_path, m
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_model_saved_without_a_discriminator_takes_the_old_one_away(assets, tmp_path):
+    out = tmp_path / "out"
+    adt, _ = config_for(assets, out, overrides=["train.max_steps=1", "save.state=false"])
+    train(adt, echo=lambda m: None)
+    assert (out / "tiny.adt_disc.safetensors").is_file()
+    ft, _ = config_for(assets, out, "sd1", "ft", ["train.max_steps=1", "save.state=false"])
+    train(ft, echo=lambda m: None)  # same folder and name: the FT model replaces the ADT one
+    assert (out / "tiny.safetensors").is_file() and not (out / "tiny.adt_disc.safetensors").exists()
+
+
 def test_leftovers_of_a_killed_save_are_cleaned_at_the_start(assets, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

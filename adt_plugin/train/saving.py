@@ -128,7 +128,7 @@ def save(
     if bad:
         where = disc_path.name if disc is not None else f"{state_path.name} (the strategy's state)"
         problems.append(f"{where} would hold non-finite values: {_describe(bad)}")
-    if with_state:
+    if with_state and procs.main:  # the weights and the optimizer are the same everywhere; the main process writes them
         moments = named_tensors(optim.optimizer.state_dict()["state"], "optimizer")
         bad = nonfinite(trainable.items()) + nonfinite(moments)
         if bad:

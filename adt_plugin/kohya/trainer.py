@@ -224,8 +224,9 @@ class AdtTrainerMixin:
         super().post_process_network(args, accelerator, network, text_encoders, unet)
         adt = self._adt_run(args)
         adt.scheduler_config = self.adt_family.scheduler_config(self, args)
-        strategy = build_strategy(adt.settings, adt.scheduler_config, device=accelerator.device)
-        adt.runner = StrategyRunner(strategy, micro_batches=args.gradient_accumulation_steps)
+        strategy = build_strategy(adt.settings, adt.scheduler_config, device=accelerator.device,
+                                  micro_batches=args.gradient_accumulation_steps)
+        adt.runner = StrategyRunner(strategy)
         accelerator.print(start_line(adt.settings, self.adt_family.label))
         if not adt.runner.has_discriminator:
             return

@@ -157,7 +157,7 @@ class AdtTab:
         if section.strategy == "adt":
             return (f"strategy adt, rollout {section.sampler} x {section.num_inference_steps}, CFG {section.guidance_scale}, "
                     f"generator update every {section.g_every}")
-        return f"strategy {section.strategy}: {STRATEGIES.get(section.strategy, '')}"
+        return f"strategy {section.strategy}: {getattr(STRATEGIES.get(section.strategy), 'description', '')}"
 
     def refresh(self) -> None:
         on = bool(self.section.enabled)

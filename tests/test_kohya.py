@@ -102,6 +102,7 @@ def test_discriminator_only_iterations_leave_the_lora_bit_identical(dinov2, tmp_
     assert [round(v, 5) for v in trainer.losses] == [round(entry["loss/diff"], 5) for entry in logs]
     assert {"loss/D", "D/real", "D/fake", "lr/D"} <= logs[0].keys() and "loss/G" in logs[1]
     assert logs[-1]["adt/generator_steps"] == 2.0
+    assert {"cost/forward_equiv", "cost/ft_steps", "cost/total_forward_equiv", "cost/total_ft_steps"} <= logs[0].keys()
 
 
 def test_ft_strategy_updates_every_iteration_and_writes_no_discriminator(dinov2, tmp_path):

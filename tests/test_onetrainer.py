@@ -184,6 +184,7 @@ def test_discriminator_only_iterations_do_not_move_the_weights(with_scaler):
     assert setup.adt_gate.taken == 2 and setup.adt_gate.skipped == 2
     assert [round(v, 5) for v in losses] == [round(v, 5) for _, v in board.scalars["loss/diff"]]
     assert {"loss/D", "D/real", "D/fake", "lr/D", "loss/G", "adt/generator_steps", "lr/group0"} <= board.scalars.keys()
+    assert {"cost/forward_equiv", "cost/total_ft_steps"} <= board.scalars.keys()  # the strategy's compute accounting
 
 
 def test_disabled_adt_leaves_onetrainer_alone():

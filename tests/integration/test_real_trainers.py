@@ -117,7 +117,7 @@ class TestSdScripts:
         assert step2 == step3  # iteration 3 was discriminator-only: the LoRA did not move
         assert step3 != step4
         tags = scalars(python, tmp_path / "logs")
-        assert {"loss/D", "D/real", "D/fake", "loss/G", "loss/current"} <= tags.keys()
+        assert {"loss/D", "D/real", "D/fake", "loss/G", "loss/current", "cost/forward_equiv", "cost/total_ft_steps"} <= tags.keys()
         # sd-scripts' own loss curve shows ADT's diffusion term (float32 rounding apart)
         assert [s for s, _ in tags["loss/current"]] == [s for s, _ in tags["loss/diff"]]
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(tags["loss/current"], tags["loss/diff"]))
@@ -347,7 +347,7 @@ class TestOneTrainer:
         saved_config = json.loads(sorted((workspace / "config").glob("*.json"))[-1].read_text())
         assert saved_config["adt"]["enabled"] is True and saved_config["adt"]["taps"] == [1, 3]
         tags = scalars(python, workspace / "tensorboard")
-        assert {"loss/D", "D/real", "D/fake", "loss/G", "adt/generator_steps"} <= tags.keys()
+        assert {"loss/D", "D/real", "D/fake", "loss/G", "adt/generator_steps", "cost/forward_equiv", "cost/total_ft_steps"} <= tags.keys()
         assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
 
         rc, log = self.train(world, self.config(world, workspace, continue_last_backup=True, epochs=2))

@@ -127,6 +127,7 @@ def _run(args) -> int:
 
     from .generate import SamplingSettings, generate_model, is_done, parse_models, plan_jobs
     from .images import list_images
+    from .lora_file import LoraFileError, check_lora_file
     from .report import write_report
     from .suite import MetricWeights, evaluate
 
@@ -135,6 +136,12 @@ def _run(args) -> int:
     seeds = parse_seeds(args.seeds)
     if args.ref:
         list_images(args.ref)  # fail before hours of generation, not after
+    for spec in specs:  # an unreadable LoRA file, too (its fit to the model is checked when it loads)
+        if spec.lora_path:
+            try:
+                check_lora_file(spec.lora_path)
+            except LoraFileError as err:
+                raise LoraFileError(f"model {spec.name!r}: {err}") from err
     out = Path(args.out)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     settings = SamplingSettings(args.sampler, args.steps, args.cfg, args.width, args.height, args.negative, seeds)

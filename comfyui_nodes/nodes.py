@@ -67,6 +67,16 @@ def _list_metric_entries() -> list[str]:
     return sorted(names)
 
 
+# Hub ids offered after the files in models/adt_metrics: read from the Hugging Face cache,
+# or downloaded into it once when chosen (online). DINOv2 here is the discriminator's
+# backbone, so the one ADT trains with.
+HUB_CHOICES = {
+    "dinov2": ("facebook/dinov2-small",),
+    "clip": ("openai/clip-vit-large-patch14",),
+    "hps": ("xswu/HPSv2/HPS_v2.1_compressed.pt",),
+}
+
+
 def _metric_choices(key: str) -> list[str]:
     from adt_plugin.eval.weights import WEIGHTS
 
@@ -78,7 +88,7 @@ def _metric_choices(key: str) -> list[str]:
         found = [n for n in entries if n.endswith((".pt", ".pth", ".safetensors", ".bin")) and not n.endswith(DISC_SUFFIX)]
     preferred = [n for n in spec.names if n in found]
     others = [n for n in found if n not in preferred]
-    return preferred + others or [missing_choice(key)]
+    return preferred + others + list(HUB_CHOICES.get(key, ())) or [missing_choice(key)]
 
 
 def _model_type(folder: str) -> Optional[str]:
@@ -96,10 +106,21 @@ def missing_choice(key: str) -> str:
     return f"(missing: put {spec.names[0]}{'/' if spec.folder else ''} in models/{METRICS_FOLDER})"
 
 
+def is_hub_name(key: str, name: str) -> bool:
+    """'org/name' (a model) or 'org/repo/file' (one file) as the Hub names them."""
+    from adt_plugin import hub
+    from adt_plugin.eval.weights import WEIGHTS
+
+    if WEIGHTS[key].folder:
+        return "/" in name and hub.is_hub_id(name)
+    return hub.split_hub_file(name) is not None
+
+
 def metric_path(key: str, name: str) -> str:
-    """The weights' path inside models/adt_metrics. Missing: WeightsNotFound saying
+    """The weights' path inside models/adt_metrics, or for a hub id its place in the
+    Hugging Face cache (downloaded once when online). Missing: WeightsNotFound saying
     what to put where and how to get it (shown as a note, not a traceback)."""
-    from adt_plugin.eval.weights import WEIGHTS, WeightsNotFound
+    from adt_plugin.eval.weights import WEIGHTS, WeightsNotFound, resolve_weights
 
     spec = WEIGHTS[key]
     hint = f"put {' or '.join(spec.names)} in {', '.join(_folders(METRICS_FOLDER))}. Get it with: {spec.get}"
@@ -108,6 +129,8 @@ def metric_path(key: str, name: str) -> str:
     try:
         return str(core.resolve_inside(_folders(METRICS_FOLDER), name, spec.what))
     except NotInFolders as err:
+        if is_hub_name(key, name):
+            return str(resolve_weights(key, name, echo=log.info))
         raise WeightsNotFound(f"{err}; {hint}") from err
 
 
@@ -414,12 +437,12 @@ def run_disc_score(hidden: Hidden, comparison: Comparison, discriminator: str, d
 
 def _check_metric(argument: str, key: str, name: str):
     """True, or why the name is refused: only names that point outside the model
-    folders. A missing file (or the "(missing ...)" placeholder) passes, and the run
-    adds a note saying what to download, so the comparison itself still runs."""
+    folders. A missing file, a hub id (or the "(missing ...)" placeholder) passes, and the
+    run adds a note saying what to download, so the comparison itself still runs."""
     if name.startswith("(missing"):
         return True
-    try:
-        metric_path(key, name)
+    try:  # never a download here: only whether the name stays inside the folders
+        core.resolve_inside(_folders(METRICS_FOLDER), name, argument)
     except PathRefused as err:
         return f"{argument}: {err}"
     except FileNotFoundError:
@@ -460,7 +483,8 @@ _COMPARISON_IN = In("comparison", COMPARISON, tooltip="from ADT A/B/C Compare or
 CLIP_SCORE = NodeSpec(
     "ADTClipScore", "ADT CLIP Score",
     "CLIP score (100 x cosine of image and prompt embeddings) of every image, with transformers' CLIP from models/adt_metrics.",
-    [_COMPARISON_IN, In("clip_model", "COMBO", "clip-vit-large-patch14", "a transformers CLIP folder in models/adt_metrics",
+    [_COMPARISON_IN, In("clip_model", "COMBO", "clip-vit-large-patch14",
+                        "a transformers CLIP folder in models/adt_metrics, or the hub id (downloaded once into the Hugging Face cache)",
                         options=lambda: _metric_choices("clip"))],
     _METRIC_OUTPUTS, run_clip_score, validate_clip_score,
 )
@@ -484,7 +508,8 @@ DISC_SCORE = NodeSpec(
     "it was trained with). Without reference images each image is its own reference (how it scores real images).",
     [_COMPARISON_IN,
      In("discriminator", "COMBO", None, f"a *{DISC_SUFFIX} file from models/loras", options=disc_choices),
-     In("dinov2", "COMBO", "dinov2-small", "the DINOv2 folder it was trained with, in models/adt_metrics",
+     In("dinov2", "COMBO", "dinov2-small",
+        "the DINOv2 it was trained with: a folder in models/adt_metrics, or the hub id (downloaded once into the Hugging Face cache)",
         options=lambda: _metric_choices("dinov2")),
      In("reference_images", "IMAGE", tooltip="real images to score against (optional)", optional=True)],
     _METRIC_OUTPUTS, run_disc_score, validate_disc,

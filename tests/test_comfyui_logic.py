@@ -236,17 +236,20 @@ def test_metric_nodes_score_and_say_what_is_missing(comfy_standins, tmp_path):
 
     comparison = _comparison()
     missing = nodes._metric_choices("clip")
-    assert missing == ["(missing: put clip-vit-large-patch14/ in models/adt_metrics)"]
+    assert missing == ["openai/clip-vit-large-patch14"]  # no folder: the hub id (offline here, not cached)
     out, grid, table = nodes.run_clip_score(Hidden(), comparison, missing[0])
-    assert out.scores.metrics() == [] and "CLIP score skipped" in table and "huggingface-cli download openai/clip-vit-large-patch14" in table
+    assert out.scores.metrics() == [] and "CLIP score skipped" in table and "downloads are off" in table
+    assert "hf download openai/clip-vit-large-patch14" in table
+    assert nodes._metric_choices("aesthetic") == ["(missing: put sac+logos+ava1-l14-linearMSE.pth in models/adt_metrics)"]
     assert grid.shape[0] == 1 and grid.shape[-1] == 3
 
     metrics = comfy_standins / "adt_metrics"
     tiny_clip_folder(metrics / "clip-vit-large-patch14")
     torch.save(AestheticHead(embed_dim=8).state_dict(), metrics / "sac+logos+ava1-l14-linearMSE.pth")
-    assert nodes._metric_choices("clip") == ["clip-vit-large-patch14"]
-    assert nodes._metric_choices("dinov2") == [nodes.missing_choice("dinov2")]  # a CLIP folder is not a DINOv2
+    assert nodes._metric_choices("clip") == ["clip-vit-large-patch14", "openai/clip-vit-large-patch14"]
+    assert nodes._metric_choices("dinov2") == ["facebook/dinov2-small"]  # a CLIP folder is not a DINOv2
     assert nodes._metric_choices("aesthetic") == ["sac+logos+ava1-l14-linearMSE.pth"]
+    assert nodes.validate_clip_score(None, "openai/clip-vit-large-patch14") is True  # validation never downloads
     assert nodes.validate_clip_score(None, "../clip-vit-large-patch14").startswith("clip_model: ")
     assert nodes.validate_clip_score(None, "clip-vit-base-patch32") is True  # missing: a note at run time
     _, _, table = nodes.run_clip_score(Hidden(), comparison, "clip-vit-base-patch32")

@@ -2,7 +2,7 @@
 
     adt train --config run.toml [--preset NAME] [--strategy adt] [section.key=value ...]
     adt train --config run.toml --resume outputs/NAME-step00001000-state
-    adt train --config run.toml --check        # validate the config and the data, load nothing
+    adt train --config run.toml --check        # validate the config, the data and the backbone, load no model
 
 Exit codes: 0 done, 2 bad config / data / model, 3 stopped on non-finite losses,
 130 interrupted (a resumable state was saved).
@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--max_steps", type=int, metavar="N", help="train.max_steps")
     parser.add_argument("--output_dir", help="train.output_dir")
-    parser.add_argument("--check", action="store_true", help="validate the config and scan the data, then stop")
+    parser.add_argument("--check", action="store_true", help="validate the config, scan the data, find the backbone (downloading it once if needed), then stop")
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="e.g. train.learning_rate=1e-5 adt.g_every=5"
     )
@@ -59,7 +59,8 @@ def run(args) -> int:
 
     try:
         config = load_run_config(args.config, args.preset, [*_flag_overrides(args), *args.overrides])
-        if args.check:  # everything that needs no weights: config, packages, images, the model's family
+        if args.check:  # everything that needs no model weights: config, packages, images, family, backbone
+            from ..strategies import preflight
             from .loading import detect_family
             from .loop import check_environment, check_sampler_fits
 
@@ -69,6 +70,8 @@ def run(args) -> int:
                 print(line)
             family = detect_family(config.model)
             check_sampler_fits(config, family)
+            for line in preflight(config.adt, prefix="[adt] "):  # the backbone (and taps against its depth), no weights loaded
+                print(line)
             print(
                 f"config OK: {config.model.path} ({family}), {config.train.method}, strategy {config.adt.strategy}, "
                 f"{config.train.max_steps} steps; sources: {', '.join(config.sources)}"

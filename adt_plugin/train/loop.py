@@ -36,7 +36,7 @@ from .. import __version__
 from ..checkpoint import disc_path_for, save_discriminator
 from ..decode import LatentDecoder
 from ..fileio import atomic_write_bytes
-from ..strategies import TrainBatch, build_strategy
+from ..strategies import TrainBatch, build_strategy, preflight
 from .config import ConfigError, RunConfig
 from .data import (
     BatchOrder,
@@ -154,6 +154,11 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(config.train.seed)
+        # The backbone (downloaded now if it is a hub id not yet cached) before the model:
+        # a missing one then costs seconds, not a model load. One process downloads.
+        with self.accelerator.main_process_first():
+            for line in preflight(config.adt, echo=self.echo, prefix="[adt] "):
+                self.echo(line)
         self._setup_model()
         self._setup_data()
         self._setup_strategy()

@@ -287,3 +287,34 @@ def test_discriminator_node_scores_with_the_checkpoint_beside_the_lora(comfy_sta
     assert nodes.validate_disc(None, "gone.adt_disc.safetensors", "dinov2-small") is True
     _, _, table = nodes.run_disc_score(Hidden(), _comparison(), "gone.adt_disc.safetensors", "dinov2-small")
     assert "ADT discriminator score skipped" in table
+
+
+def test_discriminator_node_takes_the_backbone_by_hub_id_from_the_cache(comfy_standins, tmp_path, monkeypatch):
+    """A hub id offered in the node's list is read from the Hugging Face cache (offline
+    here: a missing one is a note naming the command that fetches it)."""
+    import huggingface_hub.constants
+    from tiny import DDPM_CONFIG
+    from tiny_eval import tiny_dinov2_folder
+
+    from adt_plugin import AdtSettings, build_strategy
+    from adt_plugin.backbones import load_dinov2
+    from adt_plugin.checkpoint import save_discriminator
+    from comfyui_nodes import nodes
+    from comfyui_nodes.spec import Hidden
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    folder = tiny_dinov2_folder(tmp_path / "trained-with")
+    settings = AdtSettings(taps=(0, 1), head_channels=8)
+    strategy = build_strategy(settings, DDPM_CONFIG, backbone=load_dinov2(str(folder), taps=(0, 1), input_size=28))
+    save_discriminator(comfy_standins / "loras" / "adt.adt_disc.safetensors", strategy)
+    _, _, table = nodes.run_disc_score(Hidden(), _comparison(), "adt.adt_disc.safetensors", "facebook/dinov2-small")
+    assert "ADT discriminator score skipped" in table and "hf download facebook/dinov2-small" in table
+    snapshot = cache / "models--facebook--dinov2-small" / "snapshots" / ("0" * 40)
+    snapshot.parent.parent.joinpath("refs").mkdir(parents=True)
+    snapshot.parent.parent.joinpath("refs", "main").write_text("0" * 40)
+    tiny_dinov2_folder(snapshot)
+    assert nodes.validate_disc(None, "adt.adt_disc.safetensors", "facebook/dinov2-small") is True
+    assert "facebook/dinov2-small" in nodes._metric_choices("dinov2")
+    scored, _, table = nodes.run_disc_score(Hidden(), _comparison(), "adt.adt_disc.safetensors", "facebook/dinov2-small")
+    assert scored.scores.metrics() == ["disc"] and "self-reference" in table

@@ -155,7 +155,8 @@ def preflight_adt(args: argparse.Namespace, family: Family) -> None:
     config_file = getattr(args, "config_file", None)
     source = f"{config_file}.toml / command line" if config_file else "command line"
     try:
-        for line in preflight(settings_from_args(args, family.defaults, source=source), prefix="--adt_"):
+        settings = settings_from_args(args, family.defaults, source=source)
+        for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix="--adt_"):
             print(f"ADT: {line}")
     except (SettingsError, FileNotFoundError) as err:
         raise LaunchError(str(err)) from None

@@ -72,7 +72,8 @@ def preflight_config(config: Any) -> None:
     if getattr(config, "huggingface_cache_dir", ""):
         constants.HF_HUB_CACHE = config.huggingface_cache_dir
     check_config(config)
-    for line in preflight(settings_from_section(getattr(config, SECTION)), prefix=f"{SECTION}."):
+    settings = settings_from_section(getattr(config, SECTION))
+    for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix=f"{SECTION}."):
         print(f"ADT: {line}")
 
 

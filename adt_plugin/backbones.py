@@ -4,7 +4,10 @@ Any frozen `nn.Module` works as a backbone if it maps preprocessed images to a
 list of token maps [B, C_i, N_i] (one per tap) and says how to preprocess:
 `input_size`, `mean`, `std`, `feature_channels`, and an `identity` string that
 discriminator checkpoints record. The default is DINOv2 ViT-S/14 through
-transformers' `Dinov2Model`, tapped after blocks [2, 5, 8, 11].
+transformers' `Dinov2Model`, tapped after blocks [2, 5, 8, 11], named by a local
+folder or a Hugging Face hub id (`hub.py`: the cache, or one download when online).
+`locate_dinov2` and `backbone_depth` answer where it comes from and how deep it is
+without loading weights (the front ends' early check); `load_dinov2` loads it.
 """
 
 from __future__ import annotations

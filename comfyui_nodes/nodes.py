@@ -69,6 +69,16 @@ def _list_metric_entries() -> list[str]:
     return sorted(names)
 
 
+# Hub ids offered after the files in models/adt_metrics: read from the Hugging Face cache,
+# or downloaded into it once when chosen (online). DINOv2 here is the discriminator's
+# backbone, so the one ADT trains with.
+HUB_CHOICES = {
+    "dinov2": ("facebook/dinov2-small",),
+    "clip": ("openai/clip-vit-large-patch14",),
+    "hps": ("xswu/HPSv2/HPS_v2.1_compressed.pt",),
+}
+
+
 def _metric_choices(key: str, missing: Optional[str] = None) -> list[str]:
     from adt_plugin.eval.weights import WEIGHTS
 
@@ -80,7 +90,7 @@ def _metric_choices(key: str, missing: Optional[str] = None) -> list[str]:
         found = [n for n in entries if n.endswith((".pt", ".pth", ".safetensors", ".bin")) and not n.endswith(DISC_SUFFIX)]
     preferred = [n for n in spec.names if n in found]
     others = [n for n in found if n not in preferred]
-    return preferred + others or [missing or missing_choice(key)]
+    return preferred + others + list(HUB_CHOICES.get(key, ())) or [missing or missing_choice(key)]
 
 
 def _model_type(folder: str) -> Optional[str]:
@@ -98,10 +108,21 @@ def missing_choice(key: str) -> str:
     return f"(missing: put {spec.names[0]}{'/' if spec.folder else ''} in models/{METRICS_FOLDER})"
 
 
+def is_hub_name(key: str, name: str) -> bool:
+    """'org/name' (a model) or 'org/repo/file' (one file) as the Hub names them."""
+    from adt_plugin import hub
+    from adt_plugin.eval.weights import WEIGHTS
+
+    if WEIGHTS[key].folder:
+        return "/" in name and hub.is_hub_id(name)
+    return hub.split_hub_file(name) is not None
+
+
 def metric_path(key: str, name: str) -> str:
-    """The weights' path inside models/adt_metrics. Missing: WeightsNotFound saying
+    """The weights' path inside models/adt_metrics, or for a hub id its place in the
+    Hugging Face cache (downloaded once when online). Missing: WeightsNotFound saying
     what to put where and how to get it (shown as a note, not a traceback)."""
-    from adt_plugin.eval.weights import WEIGHTS, WeightsNotFound
+    from adt_plugin.eval.weights import WEIGHTS, WeightsNotFound, resolve_weights
 
     spec = WEIGHTS[key]
     hint = f"put {' or '.join(spec.names)} in {', '.join(_folders(METRICS_FOLDER))}. Get it with: {spec.get}"
@@ -110,6 +131,8 @@ def metric_path(key: str, name: str) -> str:
     try:
         return str(core.resolve_inside(_folders(METRICS_FOLDER), name, spec.what))
     except NotInFolders as err:
+        if is_hub_name(key, name):
+            return str(resolve_weights(key, name, echo=log.info))
         raise WeightsNotFound(f"{err}; {hint}") from err
 
 
@@ -525,7 +548,7 @@ def trained_backbone(disc_file: str) -> str:
     size = DINOV2_SIZES.get(int(hidden))
     hub = recorded if recorded.startswith("facebook/dinov2-") else (f"facebook/dinov2-{size}" if size else None)
     folder = hub.split("/")[-1] if hub else os.path.basename(recorded.rstrip("/\\"))
-    get = f"; get it with: huggingface-cli download {hub} --local-dir {folder}" if hub else ""
+    get = f"; get it with: hf download {hub} --local-dir {folder}" if hub else ""
     return (f"{os.path.basename(disc_file)} was trained with DINOv2 {recorded!r} (width {hidden}): put it in "
             f"models/{METRICS_FOLDER} as {folder}/{get}")
 
@@ -587,12 +610,12 @@ def fingerprint_disc(cls, discriminator, dinov2, **_):
 
 def _check_metric(argument: str, key: str, name: str):
     """True, or why the name is refused: only names that point outside the model
-    folders. A missing file (or the "(missing ...)" placeholder) passes, and the run
-    adds a note saying what to download, so the comparison itself still runs."""
+    folders. A missing file, a hub id (or the "(missing ...)" placeholder) passes, and the
+    run adds a note saying what to download, so the comparison itself still runs."""
     if name.startswith("(missing"):
         return True
-    try:
-        metric_path(key, name)
+    try:  # never a download here: only whether the name stays inside the folders
+        core.resolve_inside(_folders(METRICS_FOLDER), name, argument)
     except PathRefused as err:
         return f"{argument}: {err}"
     except FileNotFoundError:
@@ -636,7 +659,8 @@ _COMPARISON_IN = In("comparison", COMPARISON, tooltip="from ADT A/B/C Compare or
 CLIP_SCORE = NodeSpec(
     "ADTClipScore", "ADT CLIP Score",
     "CLIP score (100 x cosine of image and prompt embeddings) of every image, with transformers' CLIP from models/adt_metrics.",
-    [_COMPARISON_IN, In("clip_model", "COMBO", "clip-vit-large-patch14", "a transformers CLIP folder in models/adt_metrics",
+    [_COMPARISON_IN, In("clip_model", "COMBO", "clip-vit-large-patch14",
+                        "a transformers CLIP folder in models/adt_metrics, or the hub id (downloaded once into the Hugging Face cache)",
                         options=lambda: _metric_choices("clip"))],
     _METRIC_OUTPUTS, run_clip_score, validate_clip_score, fingerprint_clip_score,
 )
@@ -660,8 +684,10 @@ DISC_SCORE = NodeSpec(
     "it was trained with). Without reference images each image is its own reference (how it scores real images).",
     [_COMPARISON_IN,
      In("discriminator", "COMBO", None, f"a *{DISC_SUFFIX} file from models/loras", options=disc_choices),
-     In("dinov2", "COMBO", "dinov2-small", "the DINOv2 folder it was trained with (adt train's default: dinov2-small), "
-        "in models/adt_metrics", options=lambda: _metric_choices("dinov2", DISC_DINOV2_MISSING)),
+     In("dinov2", "COMBO", "dinov2-small",
+        "the DINOv2 it was trained with (adt train's default: facebook/dinov2-small): a folder in models/adt_metrics, "
+        "or the hub id (downloaded once into the Hugging Face cache)",
+        options=lambda: _metric_choices("dinov2", DISC_DINOV2_MISSING)),
      In("reference_images", "IMAGE", tooltip="real images to score against (optional)", optional=True)],
     _METRIC_OUTPUTS, run_disc_score, validate_disc, fingerprint_disc,
 )

@@ -347,17 +347,20 @@ def test_metric_nodes_score_and_say_what_is_missing(comfy_standins, tmp_path):
 
     comparison = _comparison()
     missing = nodes._metric_choices("clip")
-    assert missing == ["(missing: put clip-vit-large-patch14/ in models/adt_metrics)"]
+    assert missing == ["openai/clip-vit-large-patch14"]  # no folder: the hub id (offline here, not cached)
     out, grid, table = nodes.run_clip_score(Hidden(), comparison, missing[0])
-    assert out.scores.metrics() == [] and "CLIP score skipped" in table and "huggingface-cli download openai/clip-vit-large-patch14" in table
+    assert out.scores.metrics() == [] and "CLIP score skipped" in table and "downloads are off" in table
+    assert "hf download openai/clip-vit-large-patch14" in table
+    assert nodes._metric_choices("aesthetic") == ["(missing: put sac+logos+ava1-l14-linearMSE.pth in models/adt_metrics)"]
     assert grid.shape[0] == 1 and grid.shape[-1] == 3
 
     metrics = comfy_standins / "adt_metrics"
     tiny_clip_folder(metrics / "clip-vit-large-patch14")
     torch.save(AestheticHead(embed_dim=8).state_dict(), metrics / "sac+logos+ava1-l14-linearMSE.pth")
-    assert nodes._metric_choices("clip") == ["clip-vit-large-patch14"]
-    assert nodes._metric_choices("dinov2") == [nodes.missing_choice("dinov2")]  # a CLIP folder is not a DINOv2
+    assert nodes._metric_choices("clip") == ["clip-vit-large-patch14", "openai/clip-vit-large-patch14"]
+    assert nodes._metric_choices("dinov2") == ["facebook/dinov2-small"]  # a CLIP folder is not a DINOv2
     assert nodes._metric_choices("aesthetic") == ["sac+logos+ava1-l14-linearMSE.pth"]
+    assert nodes.validate_clip_score(None, "openai/clip-vit-large-patch14") is True  # validation never downloads
     assert nodes.validate_clip_score(None, "../clip-vit-large-patch14").startswith("clip_model: ")
     assert nodes.validate_clip_score(None, "clip-vit-base-patch32") is True  # missing: a note at run time
     _, _, table = nodes.run_clip_score(Hidden(), comparison, "clip-vit-base-patch32")
@@ -418,6 +421,37 @@ def test_the_dinov2_hint_names_what_the_discriminator_was_trained_with(tmp_path)
 
     hint = trained_backbone(disc_file("facebook/dinov2-small", 384))
     assert "trained with DINOv2 'facebook/dinov2-small' (width 384): put it in models/adt_metrics as dinov2-small/" in hint
-    assert hint.endswith("huggingface-cli download facebook/dinov2-small --local-dir dinov2-small")
+    assert hint.endswith("hf download facebook/dinov2-small --local-dir dinov2-small")
     hint = trained_backbone(disc_file("/home/me/models/my-dinov2", 768))  # a local folder: the Hub id from the width
-    assert "as dinov2-base/; get it with: huggingface-cli download facebook/dinov2-base" in hint
+    assert "as dinov2-base/; get it with: hf download facebook/dinov2-base" in hint
+
+
+def test_discriminator_node_takes_the_backbone_by_hub_id_from_the_cache(comfy_standins, tmp_path, monkeypatch):
+    """A hub id offered in the node's list is read from the Hugging Face cache (offline
+    here: a missing one is a note naming the command that fetches it)."""
+    import huggingface_hub.constants
+    from tiny import DDPM_CONFIG
+    from tiny_eval import tiny_dinov2_folder
+
+    from adt_plugin import AdtSettings, build_strategy
+    from adt_plugin.backbones import load_dinov2
+    from adt_plugin.checkpoint import save_discriminator
+    from comfyui_nodes import nodes
+    from comfyui_nodes.spec import Hidden
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    folder = tiny_dinov2_folder(tmp_path / "trained-with")
+    settings = AdtSettings(taps=(0, 1), head_channels=8)
+    strategy = build_strategy(settings, DDPM_CONFIG, backbone=load_dinov2(str(folder), taps=(0, 1), input_size=28))
+    save_discriminator(comfy_standins / "loras" / "adt.adt_disc.safetensors", strategy)
+    _, _, table = nodes.run_disc_score(Hidden(), _comparison(), "adt.adt_disc.safetensors", "facebook/dinov2-small")
+    assert "ADT discriminator score skipped" in table and "hf download facebook/dinov2-small" in table
+    snapshot = cache / "models--facebook--dinov2-small" / "snapshots" / ("0" * 40)
+    snapshot.parent.parent.joinpath("refs").mkdir(parents=True)
+    snapshot.parent.parent.joinpath("refs", "main").write_text("0" * 40)
+    tiny_dinov2_folder(snapshot)
+    assert nodes.validate_disc(None, "adt.adt_disc.safetensors", "facebook/dinov2-small") is True
+    assert "facebook/dinov2-small" in nodes._metric_choices("dinov2")
+    scored, _, table = nodes.run_disc_score(Hidden(), _comparison(), "adt.adt_disc.safetensors", "facebook/dinov2-small")
+    assert scored.scores.metrics() == ["disc"] and "self-reference" in table

@@ -387,7 +387,7 @@ class NetworkTrainer:
 '''
 
 
-def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monkeypatch):
+def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(dinov2, tmp_path, monkeypatch):
     root = tmp_path / "sd-scripts"
     (root / "library").mkdir(parents=True)
     (root / "library" / "__init__.py").write_text("")
@@ -399,7 +399,8 @@ def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monke
     for name in ("train_network", "library", "library.train_util"):
         monkeypatch.delitem(__import__("sys").modules, name, raising=False)
     # what the kohya_ss GUI hands over after `-m adt_plugin.kohya.launch`
-    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4"]
+    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4",
+                       "--adt_backbone_path", str(dinov2), "--adt_taps", "1", "3"]
     monkeypatch.setattr("sys.argv", ["adt_plugin.kohya.launch", *argv])
     assert launch.main() == 0
     import train_network

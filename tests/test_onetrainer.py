@@ -140,23 +140,14 @@ def test_values_and_unsupported_models_are_checked_before_the_model_loads(caplog
     assert "mae_strength=0.5, loss_weight_fn=MIN_SNR_GAMMA, offset_noise_weight=0.1" in caplog.text
 
 
-def test_the_check_runs_where_a_training_run_creates_its_setup():
-    class BaseTrainer:  # modules/trainer/BaseTrainer.py: create_model_setup(self) with self.config set
-        def __init__(self, config):
-            self.config = config
-            self.created = 0
-
-        def create_model_setup(self):
-            self.created += 1
-            return "setup"
-
-    internals.check_when_creating_setup(BaseTrainer, ot_setup.check_before_loading)
-    internals.check_when_creating_setup(BaseTrainer, ot_setup.check_before_loading)  # idempotent
-    trainer = BaseTrainer(config(num_inference_steps=0))
+def test_the_check_runs_before_a_training_run_loads_its_model():
+    trainer_class = type("GenericTrainer", (ot.GenericTrainer,), {})  # a class of its own: the patch does not leak
+    internals.check_at_start(trainer_class, ot_setup.check_before_loading)
+    internals.check_at_start(trainer_class, ot_setup.check_before_loading)  # idempotent
+    ot.StableDiffusionLoRAModelLoader.loads = []
     with pytest.raises(SettingsError, match="num_inference_steps must be >= 1"):
-        trainer.create_model_setup()
-    assert trainer.created == 0
-    assert BaseTrainer(config()).create_model_setup() == "setup"
+        trainer_class(config(num_inference_steps=0)).start()
+    assert ot.StableDiffusionLoRAModelLoader.loads == []  # the model was never loaded
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "presets" / "onetrainer").rglob("#*.json")), ids=lambda p: p.name)

@@ -69,8 +69,13 @@ def test_check_mode_validates_without_loading_weights(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')  # no weights at all
+    backbone = tmp_path / "dinov2"  # the backbone is checked from its config.json alone
+    backbone.mkdir()
+    (backbone / "config.json").write_text('{"num_hidden_layers": 12, "hidden_size": 384}')
+    (backbone / "model.safetensors").write_bytes(b"")
     config = tmp_path / "run.toml"
-    config.write_text(f'[model]\npath = "{model}"\n[data]\nfolder = "{tmp_path / "data"}"\nresolution = 64\n')
+    config.write_text(f'[model]\npath = "{model}"\n[data]\nfolder = "{tmp_path / "data"}"\nresolution = 64\n'
+                      f'[adt]\nbackbone_path = "{backbone}"\n')
     assert main(["train", "--config", str(config), "--check", "adt.sampler=flow_euler"]) == 0
     out = capsys.readouterr().out
     assert "config OK" in out and "(sd3)" in out

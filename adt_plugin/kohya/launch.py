@@ -146,15 +146,21 @@ def resolve(argv: list[str], family_name: Optional[str]) -> tuple[Family, Path, 
 
 
 def check_before_loading(script_args: Sequence[str], family: Family):
-    """Everything about the ADT settings that can be checked before sd-scripts imports its
-    modules and loads the model; a problem is one line (exit code 1). Returns the settings."""
+    """Everything about ADT that can be checked before sd-scripts imports its modules and
+    loads the model: the `--adt_*` options and `adt_*` TOML keys (names, types, values),
+    and the models they name (the backbone, found or downloaded now; taps against its
+    depth). A problem is one line (exit code 1). Returns the settings."""
     from ..settings import SettingsError
+    from ..strategies import preflight
     from .args import read_adt_options
 
     try:
-        return read_adt_options(script_args, family.defaults)
-    except SettingsError as err:
+        settings = read_adt_options(script_args, family.defaults)
+        for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix="--adt_"):
+            print(f"ADT: {line}")
+    except (SettingsError, FileNotFoundError) as err:  # hub.ModelNotFound is a FileNotFoundError
         raise LaunchError(str(err)) from None
+    return settings
 
 
 def build_parser(script_module) -> argparse.ArgumentParser:

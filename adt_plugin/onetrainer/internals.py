@@ -8,8 +8,8 @@ these is caught here (and by tests/integration against a real checkout):
                                    no public way to replace a registered class
   modules/util/config/TrainConfig  `default_values()` (a staticmethod) builds every config;
                                    `from_dict` is BaseConfig's, which swallows a nested section's errors
-  modules/trainer/BaseTrainer      `create_model_setup()` is called by GenericTrainer.start() with
-                                   `self.config` set, right before the model is loaded
+  modules/trainer/BaseTrainer      `create_model_loader()` is the first thing GenericTrainer.start()
+                                   creates, with `self.config` set; the model is loaded right after
   modules/ui/BaseTrainUIView       `__init__(components, controller, ui_state)` is called by the Qt
                                    window's __init__ before it builds its tabs in `_create_tabs()`
   modules/ui/TopBarController      `load_config_from_file(filename)` reads presets and configs in the GUI
@@ -21,6 +21,7 @@ import functools
 import sys
 from typing import Any, Callable
 
+from ..hub import ModelNotFound
 from ..settings import SettingsError
 
 UPSTREAM = "Nerogar/OneTrainer@23df3832e8f213d64c337e39f9365ba46e99fed0"
@@ -68,20 +69,20 @@ def patch_train_config(train_config_class: type, section_class: type, add_sectio
     train_config_class._adt_section_class = section_class
 
 
-def check_when_creating_setup(base_trainer_class: type, check: Callable[[Any], None]) -> None:
-    """Run `check(config)` where GenericTrainer.start() creates the model setup: after the
-    config is final, before the model is loaded. Idempotent."""
-    create = base_trainer_class.create_model_setup
+def check_at_start(base_trainer_class: type, check: Callable[[Any], None]) -> None:
+    """Run `check(config)` where GenericTrainer.start() creates its model loader: the
+    config is final, and the model is loaded right after. Idempotent."""
+    create = base_trainer_class.create_model_loader
     if getattr(create, "_adt_checked", False):
         return
 
     @functools.wraps(create)
-    def create_model_setup(self):
+    def create_model_loader(self):
         check(self.config)
         return create(self)
 
-    create_model_setup._adt_checked = True
-    base_trainer_class.create_model_setup = create_model_setup
+    create_model_loader._adt_checked = True
+    base_trainer_class.create_model_loader = create_model_loader
 
 
 def extend_train_window(base_view_class: type, extend: Callable[[Any], None]) -> None:
@@ -119,7 +120,7 @@ def name_loaded_files(top_bar_controller_class: type, loading_from: Callable[[st
 
 
 def one_line_settings_errors() -> None:
-    """A bad ADT setting that reaches the top of scripts/train.py is one line on stderr
+    """A bad ADT setting or a missing model it names that reaches the top of scripts/train.py is one line on stderr
     (exit code 1), not a traceback through OneTrainer's config reader. Other errors keep
     the hook that was there. Idempotent."""
     if getattr(sys.excepthook, "_adt_hook", False):
@@ -127,7 +128,7 @@ def one_line_settings_errors() -> None:
     previous = sys.excepthook
 
     def hook(kind, value, traceback):
-        if issubclass(kind, SettingsError):
+        if issubclass(kind, (SettingsError, ModelNotFound)):
             print(f"adt-plugin: {value}", file=sys.stderr)
         else:
             previous(kind, value, traceback)
@@ -137,6 +138,6 @@ def one_line_settings_errors() -> None:
 
 
 __all__ = [
-    "UPSTREAM", "check_when_creating_setup", "extend_train_window", "name_loaded_files", "one_line_settings_errors",
+    "UPSTREAM", "check_at_start", "extend_train_window", "name_loaded_files", "one_line_settings_errors",
     "patch_train_config", "replace_registered",
 ]

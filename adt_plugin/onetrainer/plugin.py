@@ -11,8 +11,9 @@ scripts/train.py or the UI. The shim calls `install()`, which (through
     with ADT subclasses (setup.py), which act only when `adt.enabled` is true;
   * replaces their model savers with subclasses that write the discriminator into
     backups and beside saved models;
-  * checks the ADT settings (`setup.check_before_loading`) where a training run creates
-    its model setup, before the model is loaded;
+  * checks ADT's settings and finds its backbone (downloading a hub id once;
+    `setup.check_before_loading`) when a training run creates its model loader, before
+    the model is loaded;
   * in the Qt GUI, adds an "ADT" tab (gui.py).
 """
 
@@ -58,7 +59,7 @@ def install() -> None:
         internals.patch_train_config(TrainConfig, make_section_class(BaseConfig), add_section, check_train_config_data)
     internals.replace_registered(factory, BaseModelSetup, wrapper_for(wrap_setup_class))
     internals.replace_registered(factory, BaseModelSaver, wrapper_for(lambda cls, family: wrap_saver_class(cls)))
-    internals.check_when_creating_setup(BaseTrainer, check_before_loading)
+    internals.check_at_start(BaseTrainer, check_before_loading)
     internals.one_line_settings_errors()
     if "modules.ui.BaseTrainUIView" in sys.modules:  # the GUI is starting
         _install_gui(internals)

@@ -36,7 +36,7 @@ from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner, start_l
 from ..checkpoint import disc_path_for
 from ..decode import LatentDecoder
 from ..settings import AdtSettings, SettingsError
-from ..strategies import build_strategy
+from ..strategies import build_strategy, preflight
 from .config import SECTION, settings_from_section
 from .families import FAMILIES, TRAINING_METHODS, Family, capture_denoiser_call, family_of, output_tensor
 
@@ -73,17 +73,28 @@ def ignored_loss_options(config: Any) -> list[str]:
 
 
 def check_before_loading(config: Any) -> Optional[AdtSettings]:
-    """Everything about the ADT settings that can be checked before OneTrainer loads the
-    model (run where GenericTrainer.start() creates the model setup, see plugin.py).
-    Raises SettingsError with one line saying what to change, warns about OneTrainer loss
-    options ADT ignores; returns the settings (None when ADT is off). Checks that need the
-    model come later, in setup_model."""
+    """Everything about ADT that can be checked before OneTrainer loads the model (run
+    where GenericTrainer.start() creates its model loader, see plugin.py): the settings,
+    what ADT refuses, and the models the settings name (the backbone, found or downloaded
+    now; taps against its depth). Raises SettingsError or hub.ModelNotFound with one line
+    saying what to change, warns about OneTrainer loss options ADT ignores; returns the
+    settings (None when ADT is off). Checks that need the model come later, in setup_model."""
     settings = checked_settings(config)
-    if settings is not None:
-        ignored = ignored_loss_options(config)
-        if ignored:
-            log.warning("ADT: these OneTrainer loss options shape OneTrainer's own loss; ADT's strategy %s "
-                        "ignores them: %s", settings.strategy, ", ".join(ignored))
+    if settings is None:
+        return None
+    ignored = ignored_loss_options(config)
+    if ignored:
+        log.warning("ADT: these OneTrainer loss options shape OneTrainer's own loss; ADT's strategy %s "
+                    "ignores them: %s", settings.strategy, ", ".join(ignored))
+    from huggingface_hub import constants
+
+    # what GenericTrainer.start applies right after this (huggingface_util.configure_hub)
+    if getattr(config, "offline_mode", False):
+        constants.HF_HUB_OFFLINE = True
+    if getattr(config, "huggingface_cache_dir", ""):
+        constants.HF_HUB_CACHE = config.huggingface_cache_dir
+    for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix=f"{SECTION}."):
+        print(f"ADT: {line}")
     return settings
 
 

@@ -2,7 +2,7 @@
 
     adt train --config run.toml [--preset NAME] [--strategy adt] [section.key=value ...]
     adt train --config run.toml --resume outputs/NAME-step00001000-state
-    adt train --config run.toml --check        # validate the config, folders and data; load nothing
+    adt train --config run.toml --check        # validate the config, folders, data and backbone; load no model
 
 Options and `section.key=value` overrides may come in any order.
 Exit codes: 0 done, 1 stopped by an unexpected error (model and state saved first),
@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="check the config, the output folders, the data, the model's family (and --resume's state), then stop",
+        help="check the config, the output folders, the data, the model's family (and --resume's state) and "
+        "find the backbone (downloading it once if needed), then stop",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="e.g. train.learning_rate=1e-5 adt.g_every=5"
@@ -70,10 +71,13 @@ def run(args) -> int:
     try:
         config = load_run_config(args.config, args.preset, [*_flag_overrides(args), *args.overrides])
         if args.check:  # everything that needs no weights: what `adt train` checks before loading
+            from ..strategies import preflight
             from .setup import check_run
 
             checked = check_run(config, args.resume)
             for line in checked.report.lines():
+                print(line)
+            for line in preflight(config.adt, prefix="[adt] "):  # the backbone (and taps against its depth), no weights
                 print(line)
             print(
                 f"config OK: {config.model.path} ({checked.family}), {config.train.method}, strategy "

@@ -41,7 +41,7 @@ import torch
 
 from ..distributed import all_true, average_gradients
 from ..fileio import atomic_write_bytes
-from ..strategies import TrainBatch, build_strategy
+from ..strategies import TrainBatch, build_strategy, preflight
 from .config import RunConfig
 from .data import collate
 from .models import encode_latents
@@ -87,6 +87,11 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
     from accelerate.utils import set_seed
 
     set_seed(config.train.seed)
+    # The backbone (downloaded now if it is a hub id not yet cached) before the model:
+    # a missing one then costs seconds, not a model load. One process downloads.
+    with procs.accelerator.main_process_first():
+        for line in preflight(config.adt, echo=say, prefix="[adt] "):
+            say(line)
     model = load_model(config, checked.family, procs, say)
     data = load_data(config, checked.report, model, procs, say)
     # The strategy offsets its seed by the process rank itself: each process draws its

@@ -85,7 +85,7 @@ class TestSdScripts:
                       f"t.tiny_image_folder(Path({str(root / 'data')!r}))")
         return root, python
 
-    def train(self, world, out, *extra, script="train_network.py", adt=True):
+    def train(self, world, out, *extra, script="train_network.py", adt=True, backbone=None, **env):
         root, python = world
         cmd = [python, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "2", "--mixed_precision", "no"]
         cmd += ["-m", "adt_plugin.kohya.launch"] if adt else []
@@ -95,9 +95,9 @@ class TestSdScripts:
                 "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--sdpa", "--seed", "1", "--cache_latents",
                 "--max_data_loader_n_workers", "0", *extra]
         if adt:
-            cmd += ["--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
+            cmd += ["--adt_backbone_path", backbone or root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
                     "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
-        return run(cmd)
+        return run(cmd, **env)
 
     def test_train_save_prune_state_and_resume(self, world, tmp_path):
         root, python = world
@@ -208,6 +208,14 @@ class TestSdScripts:
         assert 'adt_plugin/kohya/launch.py", line' not in log, log[-3000:]
         print(f"stopped after {seconds:.1f} s: {message}")
 
+    def test_a_missing_backbone_stops_before_sd_scripts_loads_the_model(self, world, tmp_path):
+        rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", backbone="facebook/dinov2-small",
+                             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+        assert rc != 0
+        assert "adt_plugin.kohya: DINOv2 backbone 'facebook/dinov2-small': not a local folder and not in the Hugging Face cache" in log
+        assert "hf download facebook/dinov2-small --local-dir ./dinov2-small" in log
+        assert "load Diffusers pretrained models" not in log, log[-3000:]
+
 
 SD3_CHECK = """
 import contextlib, json, sys
@@ -313,10 +321,10 @@ class TestOneTrainer:
         path.write_text(json.dumps(config))
         return path
 
-    def train(self, world, config: Path, *extra, model: str = "sd15"):
+    def train(self, world, config: Path, *extra, model: str = "sd15", **env):
         _, python, checkout = world
         return run([python, "scripts/train.py", "--preset-path", f"training_presets/{self.PRESETS[model]}",
-                    "--config-path", config, *extra], cwd=checkout)
+                    "--config-path", config, *extra], cwd=checkout, **env)
 
     @pytest.mark.parametrize("model, label, sampler", [("sdxl", "SDXL", "ddim"), ("sd3", "SD3", "flow_euler")])
     def test_sdxl_and_sd3_presets_train_and_save(self, world, tmp_path, model, label, sampler):
@@ -332,6 +340,19 @@ class TestOneTrainer:
         tags = scalars(python, workspace / "tensorboard")
         assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
         assert all(v == v for _, v in tags["loss/G"])  # two generator steps, finite
+
+    def test_a_missing_backbone_stops_before_onetrainer_loads_the_model(self, world, tmp_path):
+        root, _, _ = world
+        workspace = tmp_path / "ws"
+        adt = {"backbone_path": "facebook/dinov2-small", "taps": [1, 3], "head_channels": 8}
+        rc, log = self.train(world, self.config(world, workspace, adt=adt), HF_HUB_OFFLINE="1",
+                             HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+        assert rc != 0
+        assert "DINOv2 backbone 'facebook/dinov2-small': not a local folder and not in the Hugging Face cache" in log
+        assert "set adt.backbone_path to that folder" in log
+        # one line, raised where the trainer creates its model loader: before OneTrainer made its cache folder
+        assert "adt-plugin: DINOv2 backbone 'facebook/dinov2-small'" in log and "Traceback" not in log, log[-3000:]
+        assert not (workspace / "cache").exists()
 
     def test_preset_trains_saves_backs_up_and_continues(self, world, tmp_path):
         _, python, checkout = world

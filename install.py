@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent
+PRESETS = REPO / "adt_plugin" / "presets"  # package data: the same files the wheel ships
 MANIFEST = ".adt_plugin_install.json"
 PACKAGE = "adt-plugin"
 
@@ -74,7 +75,7 @@ TOOLS: dict[str, Tool] = {
         Tool(
             "kohya_gui", "--kohya-gui", "kohya_ss GUI",
             ("kohya_gui.py", "kohya_gui/lora_gui.py", "presets/lora"), ("venv", ".venv"),
-            files=lambda root: _presets(REPO / "presets" / "kohya_gui", root / "presets" / "lora" / "user_presets"),
+            files=lambda root: _presets(PRESETS / "kohya_gui", root / "presets" / "lora" / "user_presets"),
             usage="LoRA tab -> Parameters -> Presets: user_presets/ADT - ... (restart the GUI to see them)",
         ),
         Tool(
@@ -82,7 +83,7 @@ TOOLS: dict[str, Tool] = {
             ("scripts/train.py", "modules/modelSetup", "modules/util/factory.py", "training_presets"),
             ("venv", ".venv", "conda_env"),
             files=lambda root: [(REPO / "adt_plugin" / "onetrainer" / "shim.py", root / "modules" / "modelSetup" / "adt_plugin_shim.py")]
-            + _presets(REPO / "presets" / "onetrainer", root / "training_presets"),
+            + _presets(PRESETS / "onetrainer", root / "training_presets"),
             usage="start OneTrainer and pick e.g. SD1.5 / #sd 1.5 LoRA ADT from the preset list",
         ),
         Tool(

@@ -146,6 +146,6 @@ def test_comfyui_nodes_linked_or_missing_said_clearly(tmp_path, monkeypatch, cap
 def test_every_preset_in_the_repo_is_installed(tmp_path, key):
     root = fake_tool(tmp_path / key, key)
     assert installer.main([installer.TOOLS[key].flag, str(root), "--no-pip"]) == 0
-    sources = {p.name for p in (REPO / "presets" / ("kohya_gui" if key == "kohya_gui" else "onetrainer")).rglob("*.json")}
+    sources = {p.name for p in (installer.PRESETS / ("kohya_gui" if key == "kohya_gui" else "onetrainer")).rglob("*.json")}
     placed = {p.name for p in root.rglob("*.json") if p.name != installer.MANIFEST}
     assert sources <= placed and len(sources) == 3

@@ -6,12 +6,14 @@ with --no-deps --no-index into a fresh venv that sees this test environment's pa
 downloaded. Then `adt` runs from another folder, far from the checkout.
 """
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,17 @@ print(json.dumps({"package": adt_plugin.__file__, "presets": str(presets.folder(
     assert 'sampler = "dpmsolver++"' in shown and 'strategy = "ft"' in shown and "guidance_scale = 5.0" in shown
     assert seen["run"] == [5e-6, 32, ["preset families/paper", "preset families/sd1", "preset sd15-ddim50-adt",
                                       "preset sd15-ddim50-lora-adt", "run.toml"]]
+
+
+def test_install_py_compares_exactly_the_files_the_wheel_installs(wheel):
+    """install.py decides "current" / "stale" from the tool's installed files; its idea of what a
+    wheel of this checkout installs must be what the wheel really holds."""
+    spec = importlib.util.spec_from_file_location("adt_install_for_packaging", REPO / "install.py")
+    installer = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = installer
+    spec.loader.exec_module(installer)
+    with zipfile.ZipFile(wheel) as archive:
+        record = next(n for n in archive.namelist() if n.endswith(".dist-info/RECORD"))
+        rows = [line.split(",") for line in archive.read(record).decode().splitlines()]
+    in_wheel = {path: digest.split("=", 1)[1] for path, digest, _ in rows if path.startswith("adt_plugin/")}
+    assert in_wheel == installer.checkout_files()

@@ -102,3 +102,10 @@ def test_family_files_hold_only_what_differs_between_families():
         "families/paper", "families/sdxl", "sdxl-dpmpp30-adt", "sdxl-dpmpp30-lora-adt", "sdxl-dpmpp30-lora-ft"]
     with pytest.raises(KeyError, match="known: sd1, sd3, sdxl"):
         family_adt_defaults("flux")
+
+
+def test_a_preset_folder_of_ones_own_still_extends_the_bundled_family_files(tmp_path, monkeypatch):
+    (tmp_path / "mine.toml").write_text('description = "x"\nextends = "families/sdxl"\n[train]\nmax_steps = 7\n')
+    monkeypatch.setenv("ADT_PRESETS_DIR", str(tmp_path))
+    config = preset_config("mine")
+    assert (config.train.max_steps, config.adt.guidance_scale, config.model.family) == (7, 5.0, "sdxl")

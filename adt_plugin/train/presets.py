@@ -38,8 +38,12 @@ def find_preset(name: str) -> Path:
     known = available()
     if name in known:
         return known[name]
-    if "/" in name and (presets_dir() / f"{name}.toml").is_file():  # a layer such as families/sdxl
-        return presets_dir() / f"{name}.toml"
+    if "/" in name:  # a layer such as families/sdxl: $ADT_PRESETS_DIR's, else the bundled one
+        from .. import presets
+
+        for folder in dict.fromkeys((presets_dir(), presets.folder())):
+            if (folder / f"{name}.toml").is_file():
+                return folder / f"{name}.toml"
     from .config import ConfigError
 
     close = difflib.get_close_matches(name, list(known), n=3)
@@ -60,7 +64,7 @@ def preset_layers(name: str) -> list[tuple[str, dict]]:
         path = find_preset(name)
         raw = read_toml(path)
         check_layout(raw, f"preset {path.name}")
-        label = f"{path.parent.name}/{path.stem}" if path.parent.parent == presets_dir() else path.stem
+        label = name if "/" in name and not name.endswith(".toml") else path.stem
         layers.append((label, {k: v for k, v in raw.items() if k not in ("extends", "description", "preset")}))
         name = raw.get("extends", "")
     return layers[::-1]

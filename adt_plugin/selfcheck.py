@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .adapter import guided_denoise
-from .rollout import Rollout, RolloutConfig, _scale_model_input
+from .rollout import Rollout, _scale_model_input
 from .samplers import fresh_copy
 
 DDPM_EPS = {
@@ -117,7 +117,10 @@ def check_sampler(sampler: str, scheduler_config, steps: int = 8, rollout_steps:
     model = TinyUNetAdapter(scheduler_config)
     kind = scheduler_config.get("prediction_type", "flow") if "prediction_type" in scheduler_config else "flow"
     tag = f"{sampler}/{kind}"
-    rollout = Rollout(scheduler_config, RolloutConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=3.0, k_graph_steps=k))
+    from .settings import AdtSettings
+
+    config = AdtSettings(sampler=sampler, num_inference_steps=steps, guidance_scale=3.0, k_graph_steps=k).rollout_config()
+    rollout = Rollout(scheduler_config, config)
     gen = torch.Generator().manual_seed(0)
     plan = rollout.plan(gen, num_steps=rollout_steps)
     x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)

@@ -41,7 +41,7 @@ def small_backbone(request, monkeypatch):
 
     real = kohya_trainer.build_strategy
     monkeypatch.setattr(kohya_trainer, "build_strategy",
-                        lambda settings, config, device=None: real(settings, config, backbone=tiny_dinov2(settings.taps), device=device))
+                        lambda settings, config, **kw: real(settings, config, backbone=tiny_dinov2(settings.taps), **kw))
 
 
 def models(seed=0):

@@ -86,8 +86,9 @@ class AdtSetupMixin:
         check_config(config)
         settings = settings_from_section(getattr(config, SECTION))
         self._adt_scheduler_config = self.adt_family.scheduler_config(model, config)
-        strategy = build_strategy(settings, self._adt_scheduler_config, device=self.train_device)
-        self.adt_runner = StrategyRunner(strategy, micro_batches=config.gradient_accumulation_steps)
+        strategy = build_strategy(settings, self._adt_scheduler_config, device=self.train_device,
+                                  micro_batches=config.gradient_accumulation_steps)
+        self.adt_runner = StrategyRunner(strategy)
         self._adt_decoder = LatentDecoder(model.vae)
         model.adt_runner = self.adt_runner  # the wrapped savers find it here
         self.adt_gate = GeneratorStepGate(model.optimizer, self.adt_runner)

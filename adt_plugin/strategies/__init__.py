@@ -1,63 +1,59 @@
-"""Loss strategies: a registry from the names users type to the classes."""
+"""Loss strategies, registered by the names users type.
+
+A strategy is a `LossStrategy` subclass (the contract: `base.py`) with a `name`,
+a `from_settings` classmethod and the `@register_strategy` decorator; importing
+its module here is the one other line it needs.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 
-from .base import LossStrategy, StrategyOutput, TrainBatch
+# each module registers its strategy; this order is the order users see them listed in
+from . import ft  # noqa: F401, I001
+from . import adt  # noqa: F401
+from . import ip  # noqa: F401
+from . import at  # noqa: F401
+from .base import STRATEGIES, Cost, CountingAdapter, LossStrategy, StrategyOutput, TrainBatch, register_strategy
 
-# name -> one-line description; the classes are imported lazily in build_strategy
-STRATEGIES: dict[str, str] = {
-    "ft": "plain diffusion loss (the baseline)",
-    "adt": "Adversarial Diffusion Tuning: rollout + discriminator + lambda x diffusion loss",
-    "ip": "input perturbation: x_t built with noise + gamma x extra noise, target unchanged (DDPM-IP)",
-    "at": "adversarial training of the denoiser input: worst delta in a norm ball, target corrected (AT)",
-}
+if TYPE_CHECKING:
+    from ..settings import AdtSettings
 
 
 def build_strategy(
-    settings: "AdtSettings",  # noqa: F821
+    settings: "AdtSettings",
     scheduler_config: Mapping[str, Any],
     backbone: Optional[torch.nn.Module] = None,
     backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
     device: Any = None,
+    micro_batches: int = 1,
 ) -> LossStrategy:
-    """The strategy `settings.strategy` (ft, adt, ip, at). Only `adt` needs a backbone: pass one, or a
-    loader that is called only when it is needed (default: DINOv2 from
-    `settings.backbone_path`)."""
-    if settings.strategy == "ft":
-        from .ft import FtStrategy
-
-        return FtStrategy(scheduler_config, seed=settings.seed)
-    if settings.strategy == "ip":
-        from .ip import IpStrategy
-
-        return IpStrategy(scheduler_config, gamma=settings.ip_gamma, seed=settings.seed)
-    if settings.strategy == "at":
-        from .at import AtStrategy
-
-        return AtStrategy(
-            scheduler_config,
-            steps=settings.at_steps,
-            epsilon=settings.at_epsilon,
-            step_size=settings.at_step_size,
-            seed=settings.seed,
-        )
-    if settings.strategy == "adt":
-        from ..backbones import load_dinov2
-        from .adt import AdtStrategy
-
-        if backbone is None:
-            backbone = backbone_loader() if backbone_loader else load_dinov2(settings.backbone_path, settings.taps)
-        decoder = None
-        if settings.decoder_path:
-            from ..decode import load_tiny_decoder
-
-            decoder = load_tiny_decoder(settings.decoder_path, device)
-        return AdtStrategy(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder)
-    raise ValueError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
+    """The strategy `settings.strategy`. Only strategies with a discriminator (`adt`) need a
+    backbone: pass one, or a loader that is called only when it is needed (default: DINOv2
+    from `settings.backbone_path`). `micro_batches`: the loop's gradient accumulation."""
+    try:
+        cls = STRATEGIES[settings.strategy]
+    except KeyError:
+        raise ValueError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}") from None
+    return cls.from_settings(
+        settings,
+        scheduler_config,
+        micro_batches=micro_batches,
+        device=device,
+        backbone=backbone,
+        backbone_loader=backbone_loader,
+    )
 
 
-__all__ = ["STRATEGIES", "LossStrategy", "StrategyOutput", "TrainBatch", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "Cost",
+    "CountingAdapter",
+    "LossStrategy",
+    "StrategyOutput",
+    "TrainBatch",
+    "build_strategy",
+    "register_strategy",
+]

@@ -150,7 +150,7 @@ def test_the_check_runs_before_a_training_run_loads_its_model():
     assert ot.StableDiffusionLoRAModelLoader.loads == []  # the model was never loaded
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "presets" / "onetrainer").rglob("#*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "adt_plugin" / "presets" / "onetrainer").rglob("#*.json")), ids=lambda p: p.name)
 def test_presets_load_into_a_valid_adt_section(path):
     cfg = config()
     cfg.adt.enabled = False

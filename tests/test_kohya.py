@@ -488,3 +488,19 @@ def test_an_adt_key_in_the_config_file_turns_adt_on(tmp_path):
     config.write_text("[training]\nlearning_rate = 0.001\n[adt]\nadt_g_every = 3\n")
     assert launch.adt_requested(["--config_file", str(config)])
     assert launch.adt_requested([f"--config_file={tmp_path / 'lora'}"])  # sd-scripts adds .toml
+
+
+def test_help_lists_the_adt_options_without_looking_for_a_backbone(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "__init__.py").write_text("")
+    (root / "library" / "train_util.py").write_text(FAKE_TRAIN_UTIL)
+    (root / "train_network.py").write_text(FAKE_TRAIN_NETWORK)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    for name in ("train_network", "library", "library.train_util"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # the default backbone is nowhere
+    with pytest.raises(SystemExit) as stop:
+        launch.main([str(root / "train_network.py"), "--help"])
+    assert stop.value.code == 0 and "--adt_g_every" in capsys.readouterr().out

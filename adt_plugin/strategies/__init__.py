@@ -23,18 +23,20 @@ def build_strategy(
     backbone: Optional[torch.nn.Module] = None,
     backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
     device: Any = None,
+    family: Any = None,
 ) -> LossStrategy:
     """The strategy `settings.strategy` (ft, adt, ip, at). Only `adt` needs a backbone: pass one, or a
     loader that is called only when it is needed (default: DINOv2 from
-    `settings.backbone_path`)."""
+    `settings.backbone_path`). `family`: the model's `families.ModelFamily` (guidance mode,
+    timesteps per latent size); None: what the scheduler config alone implies."""
     if settings.strategy == "ft":
         from .ft import FtStrategy
 
-        return FtStrategy(scheduler_config, seed=settings.seed)
+        return FtStrategy(scheduler_config, seed=settings.seed, family=family)
     if settings.strategy == "ip":
         from .ip import IpStrategy
 
-        return IpStrategy(scheduler_config, gamma=settings.ip_gamma, seed=settings.seed)
+        return IpStrategy(scheduler_config, gamma=settings.ip_gamma, seed=settings.seed, family=family)
     if settings.strategy == "at":
         from .at import AtStrategy
 
@@ -44,6 +46,7 @@ def build_strategy(
             epsilon=settings.at_epsilon,
             step_size=settings.at_step_size,
             seed=settings.seed,
+            family=family,
         )
     if settings.strategy == "adt":
         from ..backbones import load_dinov2
@@ -56,7 +59,7 @@ def build_strategy(
             from ..decode import load_tiny_decoder
 
             decoder = load_tiny_decoder(settings.decoder_path, device)
-        return AdtStrategy(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder)
+        return AdtStrategy(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder, family=family)
     raise ValueError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
 
 

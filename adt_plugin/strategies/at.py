@@ -87,8 +87,9 @@ class AtStrategy(FtStrategy):
         step_size: float = 0.05,
         seed: int = 0,
         timestep_weighting: str = "uniform",
+        family=None,
     ):
-        super().__init__(scheduler_config, seed=seed, timestep_weighting=timestep_weighting)
+        super().__init__(scheduler_config, seed=seed, timestep_weighting=timestep_weighting, family=family)
         if steps < 1:
             raise ValueError(f"at_steps must be >= 1, got {steps}")
         self.steps, self.epsilon, self.step_size = int(steps), float(epsilon), float(step_size)

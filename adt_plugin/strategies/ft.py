@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
 from ..adapter import ModelAdapter
+from ..families import ModelFamily
 from ..losses import diffusion_loss
 from ..noise import NoiseSchedule
 from .base import LossStrategy, StrategyOutput, TrainBatch
@@ -15,14 +16,23 @@ from .base import LossStrategy, StrategyOutput, TrainBatch
 class FtStrategy(LossStrategy):
     name = "ft"
 
-    def __init__(self, scheduler_config: Mapping[str, Any], seed: int = 0, timestep_weighting: str = "uniform"):
+    def __init__(
+        self,
+        scheduler_config: Mapping[str, Any],
+        seed: int = 0,
+        timestep_weighting: str = "uniform",
+        family: Optional[ModelFamily] = None,
+    ):
         super().__init__(seed)
-        self.schedule = NoiseSchedule(scheduler_config)
+        self.schedule = NoiseSchedule(scheduler_config, family)
         self.timestep_weighting = timestep_weighting
 
     def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, noise): a random training timestep per sample and its noise."""
-        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.timestep_weighting).to(x0.device)
+        """(t, noise): a random training timestep per sample (shifted for this latent size
+        where the family's schedule depends on it) and its noise."""
+        t = self.schedule.sample_timesteps(
+            x0.shape[0], self.generator, self.timestep_weighting, latent_size=tuple(x0.shape[-2:])
+        ).to(x0.device)
         return t, self.randn_like(x0)
 
     def noised(self, x0: torch.Tensor):

@@ -23,8 +23,15 @@ from .ft import FtStrategy
 class IpStrategy(FtStrategy):
     name = "ip"
 
-    def __init__(self, scheduler_config: Mapping[str, Any], gamma: float = 0.1, seed: int = 0, timestep_weighting: str = "uniform"):
-        super().__init__(scheduler_config, seed=seed, timestep_weighting=timestep_weighting)
+    def __init__(
+        self,
+        scheduler_config: Mapping[str, Any],
+        gamma: float = 0.1,
+        seed: int = 0,
+        timestep_weighting: str = "uniform",
+        family=None,
+    ):
+        super().__init__(scheduler_config, seed=seed, timestep_weighting=timestep_weighting, family=family)
         self.gamma = float(gamma)
 
     def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:

@@ -1,0 +1,89 @@
+"""Stable Diffusion 1.x and 2.x: a UNet on 4-channel latents, CLIP (SD1) or OpenCLIP-H (SD2) text.
+
+SD1.x predicts epsilon; SD2.x's 768 px models predict v (their scheduler config
+says so; the 512 px "base" ones predict epsilon). Both guide with batched CFG
+against the empty prompt. The weights have the same layout: SD2 is told from SD1
+by its 1024-wide text encoder (cross-attention width).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+from .base import Guidance, LoraNames, ModelFamily, UNET_LORA_TARGETS, VaeSpec
+
+
+def _cross_attention_width(shapes: Mapping[str, Sequence[int]]) -> Optional[int]:
+    for key, shape in shapes.items():
+        if key.endswith("attn2.to_k.weight") or key.endswith("attn2.to_k.lora_down.weight"):
+            return int(shape[1])
+    return None
+
+
+class Sd1Family(ModelFamily):
+    name = "sd1"
+    label = "Stable Diffusion 1.x"
+    pipeline_class = "StableDiffusionPipeline"
+    denoiser_class = "UNet2DConditionModel"
+    denoiser_attr = "unet"
+    prediction = "epsilon"
+    guidance = Guidance("cfg")
+    default_latent_size = (64, 64)
+    vae = VaeSpec(latent_channels=4, scaling_factor=0.18215)
+    lora = LoraNames(UNET_LORA_TARGETS, "ldm_unet")
+    # the paper's SD1.5 settings (the core's defaults)
+    preset = {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 7.0}
+    base_model_version = "sd_v1"
+    architecture = "stable-diffusion-v1"
+    kohya_script = "train_network.py"
+    onetrainer_model_types = ("STABLE_DIFFUSION_15",)
+    text_width = 768
+
+    def matches_config(self, denoiser_config, text_config):
+        if text_config is not None and "hidden_size" in text_config:
+            return int(text_config["hidden_size"]) != 1024
+        return int(denoiser_config.get("cross_attention_dim", self.text_width) or self.text_width) != 1024
+
+    def matches_keys(self, keys, shapes):
+        if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text encoder: SD2
+            return False
+        if any("input_blocks." in k for k in keys) or any(k.startswith("down_blocks.") and "attentions" in k for k in keys):
+            if any("label_emb." in k or "add_embedding." in k or k.startswith("conditioner.") for k in keys):
+                return False  # SDXL
+            width = _cross_attention_width(shapes)
+            return width is None or width != 1024
+        return False
+
+
+class Sd2Family(Sd1Family):
+    name = "sd2"
+    label = "Stable Diffusion 2.x"
+    prediction = "v_prediction"  # the 768 px models; the scheduler config decides
+    vae = VaeSpec(latent_channels=4, scaling_factor=0.18215)
+    preset = {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 7.0}
+    base_model_version = "sd_v2"
+    architecture = "stable-diffusion-v2-512"
+    variant_of = "sd1"  # the same UNet layout
+    onetrainer_model_types = (
+        "STABLE_DIFFUSION_20",
+        "STABLE_DIFFUSION_20_BASE",
+        "STABLE_DIFFUSION_21",
+        "STABLE_DIFFUSION_21_BASE",
+    )
+
+    def matches_config(self, denoiser_config, text_config):
+        return not super().matches_config(denoiser_config, text_config)
+
+    def matches_keys(self, keys, shapes):
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            return True
+        if any("label_emb." in k or "add_embedding." in k or k.startswith("conditioner.") for k in keys):
+            return False
+        return _cross_attention_width(shapes) == 1024
+
+
+SD1 = Sd1Family()
+SD2 = Sd2Family()
+FAMILIES = (SD2, SD1)  # SD2 first: its rules are the narrower ones
+
+

@@ -255,7 +255,9 @@ def check_family(
     model = tiny_flux_adapter(family, scheduler_config)
     h, w = latent_size
     tag = f"{name}/{family.guidance.mode} {h}x{w}"
-    config = RolloutConfig(sampler="flow_euler", num_inference_steps=steps, guidance_scale=guidance, k_graph_steps=k)
+    from .settings import AdtSettings
+
+    config = AdtSettings(sampler="flow_euler", num_inference_steps=steps, guidance_scale=guidance, k_graph_steps=k).rollout_config()
     rollout = Rollout(scheduler_config, config, family=family)
     reference = pipeline_scheduler(scheduler_config, steps, latent_size)
     ours = rollout.scheduler_for((h, w)).timesteps

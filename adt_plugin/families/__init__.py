@@ -146,7 +146,7 @@ def _checkpoint_keys(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys if k.endswith("attn2.to_k.weight")}
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys if k.endswith(("attn2.to_k.weight", "proj_in.weight"))}
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise FamilyError(f"{path} cannot be read as a safetensors checkpoint ({err})") from err
     return keys, shapes

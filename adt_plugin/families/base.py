@@ -35,7 +35,7 @@ own spacing, a resolution-dependent shift only where the config asks for one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch

@@ -8,12 +8,13 @@ __version__ = "0.1.0"
 
 from .adapter import Cond, ModelAdapter  # noqa: E402
 from .settings import AdtSettings, SettingsError  # noqa: E402
-from .strategies import STRATEGIES, LossStrategy, StrategyOutput, TrainBatch, build_strategy  # noqa: E402
+from .strategies import STRATEGIES, Cost, LossStrategy, StrategyOutput, TrainBatch, build_strategy  # noqa: E402
 
 __all__ = [
     "__version__",
     "AdtSettings",
     "Cond",
+    "Cost",
     "LossStrategy",
     "ModelAdapter",
     "STRATEGIES",

@@ -63,12 +63,17 @@ def loop_loss(out: StrategyOutput, zero_grad_params: Optional[Iterable[torch.Ten
     iterations: no gradient reaches the generator; by default nothing at all (a
     fresh leaf), or, given `zero_grad_params`, exact zero gradients for those
     parameters (for loops whose GradScaler insists that every stepped optimizer
-    recorded gradients)."""
+    recorded gradients).
+
+    The shown value is `shown + (loss - loss)`: `loss - loss` is exactly 0 for
+    any finite loss, so the value is the diffusion loss to the last bit however
+    large the generator loss is. (`loss + (shown - loss)` would round `shown`
+    away in float32 once |loss| is some 1e7 times larger.)"""
     shown = out.logs.get("loss/diff")
     if out.updates_generator:
         if shown is None:
             return out.loss
-        return out.loss + (torch.as_tensor(shown, dtype=out.loss.dtype, device=out.loss.device) - out.loss.detach())
+        return torch.as_tensor(shown, dtype=out.loss.dtype, device=out.loss.device) + (out.loss - out.loss.detach())
     value = out.loss.detach().clone()
     if zero_grad_params is None:
         return value.requires_grad_(True)
@@ -82,12 +87,12 @@ def loop_loss(out: StrategyOutput, zero_grad_params: Optional[Iterable[torch.Ten
 class StrategyRunner:
     """One strategy inside a foreign loop: decisions, logs, checkpoints.
 
-    `micro_batches` is the loop's gradient accumulation: generator and
+    The loop's gradient accumulation is the strategy's `micro_batches` (a
+    constructor argument: `build_strategy(..., micro_batches=...)`): generator and
     discriminator-only iterations then alternate by whole optimizer steps."""
 
-    def __init__(self, strategy: LossStrategy, micro_batches: int = 1):
+    def __init__(self, strategy: LossStrategy):
         self.strategy = strategy
-        strategy.micro_batches = max(1, int(micro_batches))
         self.updates_generator = True  # the decision of the latest call (= of its window)
         self.logs: dict[str, float] = {}
 
@@ -110,19 +115,18 @@ class StrategyRunner:
         rounded up, so that the strategy's windows keep starting where the loop's do."""
         out = self.strategy(adapter, TrainBatch(x0=x0, cond=cond))
         if closes_window:
-            n = self.micro_batches
-            self.strategy.step = -(-self.strategy.step // n) * n
+            self.strategy.close_window()
         self.updates_generator = out.updates_generator
         self.logs = dict(out.logs)
         return loop_loss(out, zero_grad_params)
 
     def generator_lr_factor(self) -> float:
         """Warm-up factor for the optimizer step that closes the latest call's window."""
-        return self.strategy.generator_lr_factor(max(0, self.strategy.step - 1))
+        return self.strategy.latest_generator_lr_factor()
 
     @property
     def has_discriminator(self) -> bool:
-        return hasattr(self.strategy, "disc")
+        return self.strategy.has_discriminator
 
     def save(self, path: str | Path, extra_metadata: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
         if not self.has_discriminator:

@@ -4,7 +4,9 @@ One safetensors file holds everything the ADT strategy owns: the heads, twins an
 predictors (`disc.*`), the discriminator optimizer's state (`optim.*`), the
 strategy's random-generator state (`rng`); the header's metadata holds the rest
 as JSON (format, discriminator config, backbone identity and feature widths,
-step, optimizer param groups, warm-up scheduler). The frozen backbone is not
+step, compute spent so far, optimizer param groups, warm-up scheduler). The
+strategy is reached only through its contract (`strategies/base.py`):
+`has_discriminator`, `discriminator`, `settings`, `state_dict`, `load_state_dict`. The frozen backbone is not
 stored: it is loaded from its own path and checked against the recorded identity.
 """
 
@@ -37,7 +39,9 @@ def disc_path_for(model_path: str | os.PathLike) -> Path:
 
 
 def _fingerprint(strategy) -> dict[str, Any]:
-    return discriminator_fingerprint(strategy.disc)
+    if not strategy.has_discriminator:
+        raise ValueError(f"strategy {strategy.name!r} has no discriminator to save or load")
+    return discriminator_fingerprint(strategy.discriminator)
 
 
 def discriminator_fingerprint(disc) -> dict[str, Any]:
@@ -53,8 +57,14 @@ def discriminator_fingerprint(disc) -> dict[str, Any]:
     }
 
 
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a recorded fingerprint and this run's, one `key: checkpoint X, this run Y` each."""
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current[k]!r}" for k in current if saved.get(k) != current[k]]
+
+
 def save_discriminator(path: str | os.PathLike, strategy, extra_metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the ADT strategy's state atomically to `path`."""
+    fingerprint = _fingerprint(strategy)
     state = strategy.state_dict()
     tensors: dict[str, torch.Tensor] = {f"disc.{k}": v for k, v in state["discriminator"].items()}
     optim = state["d_optimizer"]
@@ -64,10 +74,11 @@ def save_discriminator(path: str | os.PathLike, strategy, extra_metadata: Option
     tensors["rng"] = state["rng"]
     metadata = {
         "format": FORMAT,
-        "fingerprint": json.dumps(_fingerprint(strategy)),
-        "discriminator_config": json.dumps(strategy.disc.config.to_dict()),
-        "settings": json.dumps(strategy.settings.to_dict()),
+        "fingerprint": json.dumps(fingerprint),
+        "discriminator_config": json.dumps(strategy.discriminator.config.to_dict()),
+        "settings": json.dumps(strategy.settings.to_dict() if strategy.settings is not None else {}),
         "step": str(state["step"]),
+        "cost": json.dumps(state["cost"]),
         "skipped_d_steps": str(state["skipped_d_steps"]),
         "optim_param_groups": json.dumps(optim["param_groups"]),
         "d_scheduler": json.dumps(state["d_scheduler"]),
@@ -97,9 +108,7 @@ def load_discriminator(path: str | os.PathLike, strategy) -> dict[str, str]:
     Fails before touching the strategy if the file was made for another backbone,
     layer set or head layout, with a message that lists what differs."""
     tensors, metadata = read_discriminator_file(path)
-    saved = json.loads(metadata["fingerprint"])
-    current = _fingerprint(strategy)
-    differs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    differs = fingerprint_differences(json.loads(metadata["fingerprint"]), _fingerprint(strategy))
     if differs:
         raise CheckpointMismatch(
             f"discriminator checkpoint {path} was made for another discriminator; differs in "
@@ -118,6 +127,7 @@ def load_discriminator(path: str | os.PathLike, strategy) -> dict[str, str]:
         "d_optimizer": {"state": optim_state, "param_groups": _param_groups(metadata["optim_param_groups"])},
         "d_scheduler": json.loads(metadata["d_scheduler"]),
         "skipped_d_steps": int(metadata.get("skipped_d_steps", 0)),
+        "cost": json.loads(metadata.get("cost", "{}")),  # files written before costs were counted: 0
     }
     strategy.load_state_dict(state)
     return metadata

@@ -26,25 +26,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import diff_augment, parse_policy
-from .backbones import DEFAULT_DINOV2, DEFAULT_TAPS
 
 DISCRIMINATOR_KINDS = ("siamese", "projected")
 
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
-    kind: str = "siamese"
-    backbone_path: str = DEFAULT_DINOV2
-    taps: tuple[int, ...] = DEFAULT_TAPS
-    channels: int = 64
-    tau: float = 0.99
-    augment: str = "color,translation,cutout"
+    """The discriminator's part of `AdtSettings` (`AdtSettings.discriminator_config()`;
+    the defaults live there: `discriminator`, `backbone_path`, `taps`,
+    `head_channels`, `tau`, `augment`, `pool`)."""
+
+    kind: str
+    backbone_path: str
+    taps: tuple[int, ...]
+    channels: int
+    tau: float
+    augment: str
     # How a head's token map becomes the vector z of Eq. 6: "flatten" (the whole
     # map, position by position) or "mean" (average over tokens first; insensitive
     # to where things are, a weaker reference constraint).
-    pool: str = "flatten"
+    pool: str
 
     def __post_init__(self):
+        if self.channels < 1:
+            raise ValueError(f"head_channels must be >= 1, got {self.channels}")
         if self.kind not in DISCRIMINATOR_KINDS:
             raise ValueError(f"discriminator kind must be one of {DISCRIMINATOR_KINDS}, got {self.kind!r}")
         if self.pool not in ("flatten", "mean"):
@@ -130,7 +135,7 @@ class _FeatureDiscriminator(nn.Module):
 class SiameseDiscriminator(_FeatureDiscriminator):
     needs_reference = True
 
-    def __init__(self, backbone: nn.Module, config: DiscriminatorConfig = DiscriminatorConfig()):
+    def __init__(self, backbone: nn.Module, config: DiscriminatorConfig):
         super().__init__(backbone, config)
         self.predictors = nn.ModuleList(DiscHead(config.channels, config.channels) for _ in self.heads)
         self.twins = copy.deepcopy(self.heads)
@@ -172,7 +177,7 @@ class ProjectedDiscriminator(_FeatureDiscriminator):
 
     needs_reference = False
 
-    def __init__(self, backbone: nn.Module, config: DiscriminatorConfig = DiscriminatorConfig(kind="projected")):
+    def __init__(self, backbone: nn.Module, config: DiscriminatorConfig):
         super().__init__(backbone, config)
         self.logits = nn.ModuleList(nn.Conv1d(config.channels, 1, 1) for _ in self.heads)
 

@@ -46,14 +46,19 @@ GRAD_MODES = ("adt", "drtune", "off")
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    sampler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.0
-    grad_mode: str = "adt"
-    k_graph_steps: int = 3
-    gradient_checkpointing: bool = False
+    """The rollout's part of `AdtSettings` (`AdtSettings.rollout_config()`; the
+    defaults and the meaning of each field live there)."""
+
+    sampler: str
+    num_inference_steps: int
+    guidance_scale: float
+    grad_mode: str
+    k_graph_steps: int
+    gradient_checkpointing: bool
 
     def __post_init__(self):
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
         resolve_sampler_name(self.sampler)  # unknown names fail here, not mid-run

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .adapter import GUIDANCE_KEY, guided_denoise
-from .rollout import Rollout, RolloutConfig, _scale_model_input
+from .rollout import Rollout, _scale_model_input
 from .samplers import fresh_copy
 
 DDPM_EPS = {
@@ -170,7 +170,10 @@ def _check_rollout(
 def check_sampler(sampler: str, scheduler_config, steps: int = 8, rollout_steps: int = 6, k: int = 2, tol: float = 1e-4) -> list[CheckResult]:
     model = TinyUNetAdapter(scheduler_config)
     kind = scheduler_config.get("prediction_type", "flow") if "prediction_type" in scheduler_config else "flow"
-    rollout = Rollout(scheduler_config, RolloutConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=3.0, k_graph_steps=k))
+    from .settings import AdtSettings
+
+    config = AdtSettings(sampler=sampler, num_inference_steps=steps, guidance_scale=3.0, k_graph_steps=k).rollout_config()
+    rollout = Rollout(scheduler_config, config)
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
     cond = {"encoder_hidden_states": torch.randn(2, 3, 16, generator=gen)}

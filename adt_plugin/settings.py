@@ -18,6 +18,8 @@ from typing import Any, Mapping, get_type_hints
 from .backbones import DEFAULT_DINOV2, DEFAULT_TAPS
 from .discriminator import DiscriminatorConfig
 from .rollout import RolloutConfig
+from .strategies import STRATEGIES
+from .strategies.adt import ADV_BALANCES, DIFF_TIMESTEPS, REFERENCES
 
 
 class SettingsError(ValueError):
@@ -55,7 +57,7 @@ class AdtSettings:
     # as FT draws it, from its own noise (one more denoiser forward + backward per generator
     # step; ADT is then FT's loss plus the adversarial term); start = at the rollout's start
     # step, from its first prediction (the paper; free, but a sampler of few steps starts at
-    # few timesteps and the others drift: see README, "What the digits study found")
+    # few timesteps and the others drift: see docs/demo.md, "What the digits study found")
     diff_timestep: str = "uniform"
     # the real image a rollout is scored against (siamese discriminator):
     # same_cond = another image of the batch with the same conditioning (else itself),
@@ -81,29 +83,26 @@ class AdtSettings:
     seed: int = 0
 
     def __post_init__(self):
-        from .strategies import STRATEGIES  # late: strategies import settings
-
+        # The rollout's and the discriminator's fields are checked by their own configs
+        # (built below); the rest here, each once.
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("num_inference_steps", "g_every", "at_steps"):
+        for name in ("g_every", "at_steps"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("k_graph_steps", "g_warmup_steps", "d_warmup_steps", "adv_warmup_steps"):
+        for name in ("g_warmup_steps", "d_warmup_steps", "adv_warmup_steps"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_diff < 0 or self.d_lr <= 0:
             raise SettingsError("lambda_diff must be >= 0 and d_lr > 0")
-        if self.adv_balance not in ("none", "grad"):
-            raise SettingsError(f"adv_balance must be 'none' or 'grad', got {self.adv_balance!r}")
-        if self.diff_timestep not in ("start", "uniform"):
-            raise SettingsError(f"diff_timestep must be 'start' or 'uniform', got {self.diff_timestep!r}")
-        if self.reference not in ("self", "same_cond", "any"):
-            raise SettingsError(f"reference must be one of self, same_cond, any, got {self.reference!r}")
+        for name, allowed in (("adv_balance", ADV_BALANCES), ("diff_timestep", DIFF_TIMESTEPS), ("reference", REFERENCES)):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be {_one_of(allowed)}, got {getattr(self, name)!r}")
         for name in ("adv_ratio", "ip_gamma", "at_epsilon", "at_step_size"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
-        try:  # the sub-configs validate their own fields
+        try:
             self.rollout_config()
             self.discriminator_config()
         except ValueError as err:
@@ -141,6 +140,10 @@ class AdtSettings:
         """Build from a TOML section / dict; unknown keys and wrong types are errors
         that name the key, where it came from, and the closest valid key."""
         return cls(**coerce_fields(cls, values, source))
+
+
+def _one_of(allowed: tuple[str, ...]) -> str:
+    return f"{allowed[0]!r} or {allowed[1]!r}" if len(allowed) == 2 else f"one of {', '.join(allowed)}"
 
 
 def coerce_fields(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:

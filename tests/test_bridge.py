@@ -14,8 +14,8 @@ def runner(micro_batches=1, **kw):
                     k_graph_steps=1, g_warmup_steps=4, seed=0)
     settings.update(kw)
     torch.manual_seed(0)
-    strategy = build_strategy(AdtSettings(**settings), DDPM_CONFIG, backbone=tiny_dinov2())
-    return StrategyRunner(strategy, micro_batches=micro_batches)
+    strategy = build_strategy(AdtSettings(**settings), DDPM_CONFIG, backbone=tiny_dinov2(), micro_batches=micro_batches)
+    return StrategyRunner(strategy)
 
 
 def adapter(net):

@@ -8,13 +8,18 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from adt_plugin import ModelAdapter
+from adt_plugin import AdtSettings, ModelAdapter
 from adt_plugin.demo.data import italic, load_digit_images, make_splits, stratified_split
 from adt_plugin.demo.metrics import frechet_distance
 from adt_plugin.demo.models import NULL_LABEL, DigitFeatureNet, DigitsAdapter, build_unet
 from adt_plugin.demo.pretrain import ModelCache, drop_labels
 from adt_plugin.demo.report import summarize
-from adt_plugin.discriminator import DiscriminatorConfig, SiameseDiscriminator
+from adt_plugin.discriminator import SiameseDiscriminator
+
+
+def disc_config(kind="siamese", channels=64, **kw):
+    """The discriminator's part of AdtSettings (the defaults live there only)."""
+    return AdtSettings(discriminator=kind, head_channels=channels, **kw).discriminator_config()
 
 
 def test_digits_load_in_range():
@@ -102,7 +107,7 @@ def test_adapter_is_a_model_adapter_and_the_feature_net_plugs_into_the_discrimin
     net = DigitFeatureNet().freeze()
     feats = net(torch.zeros(2, 1, 8, 8))
     assert [tuple(f.shape) for f in feats] == [(2, 32, 64), (2, 64, 16)] and net.feature_channels == [32, 64]
-    disc = SiameseDiscriminator(net, DiscriminatorConfig(taps=(0, 1), channels=8))
+    disc = SiameseDiscriminator(net, disc_config(taps=(0, 1), channels=8))
     gen = torch.Generator().manual_seed(0)
     scores = disc.scores(disc.features(adapter.decode(x), gen), disc.reference(disc.features(x.detach(), gen)))
     sum(s.mean() for s in scores).backward()

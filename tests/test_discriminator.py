@@ -5,13 +5,19 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_dinov2
 
+from adt_plugin import AdtSettings
 from adt_plugin.augment import color, cutout, diff_augment, parse_policy, translation
-from adt_plugin.discriminator import DiscriminatorConfig, ProjectedDiscriminator, SiameseDiscriminator
+from adt_plugin.discriminator import ProjectedDiscriminator, SiameseDiscriminator
 from adt_plugin.losses import hinge_d_loss, hinge_g_loss
 
 
+def disc_config(kind="siamese", channels=64, **kw):
+    """The discriminator's part of AdtSettings (the defaults live there only)."""
+    return AdtSettings(discriminator=kind, head_channels=channels, **kw).discriminator_config()
+
+
 def make_disc(**kw):
-    cfg = DiscriminatorConfig(taps=(1, 3), channels=8, **kw)
+    cfg = disc_config(taps=(1, 3), channels=8, **kw)
     return SiameseDiscriminator(tiny_dinov2(), cfg)
 
 
@@ -134,7 +140,7 @@ def test_policy_validation():
 
 def test_projected_variant_scores_per_token_and_needs_no_reference():
     torch.manual_seed(0)
-    disc = ProjectedDiscriminator(tiny_dinov2(), DiscriminatorConfig(kind="projected", taps=(1, 3), channels=8))
+    disc = ProjectedDiscriminator(tiny_dinov2(), disc_config(kind="projected", taps=(1, 3), channels=8))
     feats = disc.features(torch.rand(2, 3, 16, 16), torch.Generator())
     scores = disc.scores(feats)
     assert disc.needs_reference is False and [tuple(s.shape) for s in scores] == [(2, 16), (2, 16)]

@@ -39,7 +39,7 @@ def small_backbone(request, monkeypatch):
 
     real = kohya_trainer.build_strategy
     monkeypatch.setattr(kohya_trainer, "build_strategy",
-                        lambda settings, config, device=None: real(settings, config, backbone=tiny_dinov2(settings.taps), device=device))
+                        lambda settings, config, **kw: real(settings, config, backbone=tiny_dinov2(settings.taps), **kw))
 
 
 def models(seed=0):
@@ -369,7 +369,7 @@ class NetworkTrainer:
 '''
 
 
-def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monkeypatch):
+def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(dinov2, tmp_path, monkeypatch):
     root = tmp_path / "sd-scripts"
     (root / "library").mkdir(parents=True)
     (root / "library" / "__init__.py").write_text("")
@@ -381,7 +381,8 @@ def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monke
     for name in ("train_network", "library", "library.train_util"):
         monkeypatch.delitem(__import__("sys").modules, name, raising=False)
     # what the kohya_ss GUI hands over after `-m adt_plugin.kohya.launch`
-    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4"]
+    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4",
+                       "--adt_backbone_path", str(dinov2), "--adt_taps", "1", "3"]
     monkeypatch.setattr("sys.argv", ["adt_plugin.kohya.launch", *argv])
     assert launch.main() == 0
     import train_network

@@ -26,7 +26,7 @@ SD = FAMILIES["sd"]
 def small_backbone(monkeypatch):
     real = ot_setup.build_strategy
     monkeypatch.setattr(ot_setup, "build_strategy",
-                        lambda settings, config, device=None: real(settings, config, backbone=tiny_dinov2(settings.taps), device=device))
+                        lambda settings, config, **kw: real(settings, config, backbone=tiny_dinov2(settings.taps), **kw))
 
 
 def config_class():

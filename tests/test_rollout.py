@@ -7,8 +7,14 @@ import torch
 from tiny import DDPM_CONFIG, FLOW_CONFIG, TinyAdapter, TinyDenoiser
 
 from adt_plugin import selfcheck
-from adt_plugin.rollout import Rollout, RolloutConfig
+from adt_plugin import AdtSettings
+from adt_plugin.rollout import Rollout
 from adt_plugin.samplers import build_scheduler
+
+
+def rollout_config(**kw):
+    """The rollout's part of AdtSettings (the defaults live there only)."""
+    return AdtSettings(**kw).rollout_config()
 
 
 @pytest.mark.parametrize("sampler,config", selfcheck.CASES, ids=lambda v: v if isinstance(v, str) else v.get("prediction_type", "flow"))
@@ -33,7 +39,7 @@ def test_selfcheck_detects_leaking_multistep_history(monkeypatch):
 def _rollout_with_trace(mode, config=DDPM_CONFIG, sampler="ddim", steps=10, s=7, k=2):
     torch.manual_seed(0)
     model = TinyAdapter(TinyDenoiser(), config)
-    cfg = RolloutConfig(sampler=sampler, num_inference_steps=steps, guidance_scale=2.0, k_graph_steps=k, grad_mode=mode)
+    cfg = rollout_config(sampler=sampler, num_inference_steps=steps, guidance_scale=2.0, k_graph_steps=k, grad_mode=mode)
     rollout = Rollout(config, cfg)
     plan = rollout.plan(torch.Generator().manual_seed(3), num_steps=s)
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -84,7 +90,7 @@ def test_off_mode_builds_no_graph_at_all():
 def test_rollout_leaves_template_and_trainer_scheduler_untouched():
     trainer_scheduler = build_scheduler(DDPM_CONFIG, "dpmsolver++", 10)
     before = copy.deepcopy(vars(trainer_scheduler))
-    rollout = Rollout(DDPM_CONFIG, RolloutConfig(sampler="dpmsolver++", num_inference_steps=10))
+    rollout = Rollout(DDPM_CONFIG, rollout_config(sampler="dpmsolver++", num_inference_steps=10))
     template_state = copy.deepcopy(vars(rollout.template))
     model = TinyAdapter(TinyDenoiser())
     plan = rollout.plan(torch.Generator().manual_seed(0), num_steps=5)
@@ -107,7 +113,7 @@ def test_guidance_batches_cond_and_uncond_in_one_forward_and_can_be_off():
     model = Recording(TinyDenoiser())
     for scale, expected_batch in ((5.0, 4), (1.0, 2), (0.0, 2)):
         seen.clear()
-        rollout = Rollout(DDPM_CONFIG, RolloutConfig(num_inference_steps=4, guidance_scale=scale))
+        rollout = Rollout(DDPM_CONFIG, rollout_config(num_inference_steps=4, guidance_scale=scale))
         plan = rollout.plan(torch.Generator(), num_steps=3)
         x = rollout.start(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), plan)
         rollout.run(model, x, {"labels": torch.tensor([0, 1])}, plan, grad_mode="off")
@@ -120,7 +126,7 @@ def test_guided_output_follows_cfg_formula():
     torch.manual_seed(0)
     net = TinyDenoiser()
     model = TinyAdapter(net)
-    rollout = Rollout(DDPM_CONFIG, RolloutConfig(num_inference_steps=5, guidance_scale=4.0))
+    rollout = Rollout(DDPM_CONFIG, rollout_config(num_inference_steps=5, guidance_scale=4.0))
     plan = rollout.plan(torch.Generator(), num_steps=1)
     x = rollout.start(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), plan)
     result = rollout.run(model, x, {"labels": torch.tensor([0, 1])}, plan, record=True)
@@ -131,7 +137,7 @@ def test_guided_output_follows_cfg_formula():
 
 
 def test_plan_draws_start_uniformly_over_the_schedule():
-    rollout = Rollout(DDPM_CONFIG, RolloutConfig(num_inference_steps=5, k_graph_steps=2))
+    rollout = Rollout(DDPM_CONFIG, rollout_config(num_inference_steps=5, k_graph_steps=2))
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(6, dtype=torch.long)
     for _ in range(2000):
@@ -151,7 +157,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         net = TinyDenoiser()
         model = TinyAdapter(net)
-        rollout = Rollout(DDPM_CONFIG, RolloutConfig(num_inference_steps=6, gradient_checkpointing=ckpt))
+        rollout = Rollout(DDPM_CONFIG, rollout_config(num_inference_steps=6, gradient_checkpointing=ckpt))
         plan = rollout.plan(torch.Generator().manual_seed(1), num_steps=5)
         torch.manual_seed(1)
         x = rollout.start(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), plan)
@@ -162,7 +168,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_flow_sampler_start_and_target():
-    rollout = Rollout(FLOW_CONFIG, RolloutConfig(sampler="flow_euler", num_inference_steps=8))
+    rollout = Rollout(FLOW_CONFIG, rollout_config(sampler="flow_euler", num_inference_steps=8))
     plan = rollout.plan(torch.Generator(), num_steps=3)
     x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     s = float(rollout.template.sigmas[plan.begin_index])
@@ -172,11 +178,11 @@ def test_flow_sampler_start_and_target():
 
 def test_sampler_that_does_not_fit_the_model_is_a_clear_error():
     with pytest.raises(ValueError, match="does not fit this model.*flow_euler"):
-        Rollout(FLOW_CONFIG, RolloutConfig(sampler="ddim"))
+        Rollout(FLOW_CONFIG, rollout_config(sampler="ddim"))
     with pytest.raises(ValueError, match="unknown sampler 'heun'"):
-        Rollout(DDPM_CONFIG, RolloutConfig(sampler="heun"))
+        Rollout(DDPM_CONFIG, rollout_config(sampler="heun"))
     with pytest.raises(ValueError, match="grad_mode"):
-        RolloutConfig(grad_mode="full")
+        rollout_config(grad_mode="full")
 
 
 def test_clip_sample_in_model_config_is_turned_off():

@@ -156,7 +156,7 @@ def _finetune(name, seed, cfg, splits, pre, evaluator, adapter, curve, progress)
         out = strategy(adapter, TrainBatch(splits.train_x[idx], {"labels": labels}))
         if out.updates_generator:
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg, it) * strategy.generator_lr_factor()
+                group["lr"] = cfg.lr * lr_factor(cfg, it) * strategy.latest_generator_lr_factor()
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()

@@ -24,7 +24,8 @@ import torch
 from ..adapter import ModelAdapter
 from ..losses import diffusion_loss
 from ..noise import NoiseSchedule
-from ..rollout import Rollout, RolloutConfig
+from ..rollout import Rollout
+from ..settings import AdtSettings
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def generate(model: ModelAdapter, labels: torch.Tensor, setting: SamplerSetting, seed: int) -> torch.Tensor:
     """Samples for `labels` from pure noise, with the core's rollout (no graph)."""
-    rollout = Rollout(model.scheduler_config, RolloutConfig(setting.sampler, setting.steps, setting.cfg, grad_mode="off"))
+    config = AdtSettings(
+        sampler=setting.sampler, num_inference_steps=setting.steps, guidance_scale=setting.cfg, grad_mode="off"
+    ).rollout_config()
+    rollout = Rollout(model.scheduler_config, config)
     plan = rollout.plan(torch.Generator(), num_steps=rollout.schedule_length)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(labels), 1, 8, 8), generator=gen) * float(rollout.template.init_noise_sigma)

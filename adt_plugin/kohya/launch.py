@@ -145,6 +145,23 @@ def resolve(argv: list[str], family_name: Optional[str]) -> tuple[Family, Path, 
     return family, check_sd_scripts(Path(root), family), argv
 
 
+def preflight_adt(args: argparse.Namespace, family: Family) -> None:
+    """The ADT settings and the models they name (the backbone, found or downloaded now;
+    taps against its depth), checked before sd-scripts loads the diffusion model."""
+    from ..settings import SettingsError
+    from ..strategies import preflight
+    from .args import settings_from_args
+
+    config_file = getattr(args, "config_file", None)
+    source = f"{config_file}.toml / command line" if config_file else "command line"
+    try:
+        settings = settings_from_args(args, family.defaults, source=source)
+        for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix="--adt_"):
+            print(f"ADT: {line}")
+    except (SettingsError, FileNotFoundError) as err:
+        raise LaunchError(str(err)) from None
+
+
 def build_parser(script_module) -> argparse.ArgumentParser:
     from .args import add_adt_arguments
 
@@ -175,6 +192,7 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     args = parser.parse_args(script_args)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
+    preflight_adt(args, fam)  # the backbone before sd-scripts loads the model: seconds, not minutes
 
     # ADT skips the optimizer step on discriminator-only iterations by design; torch
     # would warn about the LR scheduler stepping without it on the first of them.

@@ -115,8 +115,9 @@ class AdtTrainerMixin:
         settings = self.adt_settings or settings_from_args(args, self.adt_family.defaults)
         self.adt_settings = settings
         self._adt_scheduler_config = self.adt_family.scheduler_config(self, args)
-        strategy = build_strategy(settings, self._adt_scheduler_config, device=accelerator.device)
-        self.adt_runner = StrategyRunner(strategy, micro_batches=args.gradient_accumulation_steps)
+        strategy = build_strategy(settings, self._adt_scheduler_config, device=accelerator.device,
+                                  micro_batches=args.gradient_accumulation_steps)
+        self.adt_runner = StrategyRunner(strategy)
         accelerator.print(
             f"ADT: strategy {settings.strategy}, {self.adt_family.label}, sampler {settings.sampler} x "
             f"{settings.num_inference_steps} steps, CFG {settings.guidance_scale}, generator update every "

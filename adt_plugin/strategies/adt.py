@@ -20,6 +20,7 @@ Options beyond the paper (the paper's formulation is `adv_balance="none"`,
   the diffusion loss as the model fits. It costs no extra pass through the
   discriminator or the decoder: their gradient w.r.t. x_hat_0 is taken once and
   the trainer's backward continues from it.
+  w is at most `MAX_ADV_WEIGHT` = 1, the weight Eq. 8 gives L_adv (see there why).
 - `reference="same_cond"`: score x_hat_0 against a *different* real image of the
   batch with the same conditioning (itself when there is none); `"any"`: against
   any other image. From a start near pure noise the rollout cannot recover the
@@ -32,27 +33,49 @@ Options beyond the paper (the paper's formulation is `adv_balance="none"`,
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from ..adapter import ModelAdapter
 from ..discriminator import Discriminator, build_discriminator
+from ..distributed import average_batch_norm_stats, average_gradients, broadcast_from_rank0
 from ..families import ModelFamily
 from ..losses import diffusion_loss, hinge_d_loss, hinge_g_loss
 from ..noise import NoiseSchedule
 from ..rollout import Rollout
-from ..settings import AdtSettings
-from .base import LossStrategy, StrategyOutput, TrainBatch
+from .base import CountingAdapter, LossStrategy, StrategyOutput, TrainBatch, register_strategy
+
+if TYPE_CHECKING:
+    from ..settings import AdtSettings
 
 
 def linear_warmup(steps: int):
     return lambda step: 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
 
 
+#: The ceiling of the balanced adversarial weight w: 1, L_adv's weight in the paper's Eq. 8.
+#:
+#: The balance exists to tame an adversarial gradient that is too strong (taken
+#: literally it is about 10x the diffusion gradient on the digits, and wrecks the
+#: samples); it must not amplify one that is too weak. The adversarial gradient at
+#: the first output is weak when the discriminator has almost nothing to say: an
+#: untrained or near-constant discriminator, or a rollout whose first step barely
+#: moves x_hat_0 (one step from t = 1: DDIM's eps coefficient there is about 0.01).
+#: w = ratio * |g_diff| / |g_adv| then grows without bound (5e7 was seen in a real
+#: sd-scripts run), and what it amplifies is the discriminator's noise, pushed with
+#: the full force of `adv_ratio` x the diffusion gradient, while L_G's value grows
+#: to where float32 loses the diffusion term beside it. Capped at 1, such a step
+#: is the paper's own formulation (L_adv + lambda L_diff): the adversarial term
+#: keeps the little say its gradient has and the diffusion term leads. The cap
+#: needs no state and no new setting, and it does not bite where the balance does
+#: its job (measured on the full digits demo, seed 0: w between 0.004 and 0.18).
+MAX_ADV_WEIGHT = 1.0
+
+#: the values of the settings `reference`, `adv_balance` and `diff_timestep` (checked by AdtSettings)
 REFERENCES = ("self", "same_cond", "any")
+ADV_BALANCES = ("none", "grad")
+DIFF_TIMESTEPS = ("start", "uniform")
 
 
 def reference_indices(cond: Mapping[str, Optional[torch.Tensor]], mode: str, generator: torch.Generator) -> torch.Tensor:
@@ -107,20 +130,25 @@ def balance_adversarial(
     return stand_in, ratio * float(diff_at_first.float().norm()) / adv_norm
 
 
+@register_strategy
 class AdtStrategy(LossStrategy):
     name = "adt"
+    description = "Adversarial Diffusion Tuning: rollout + discriminator + lambda x diffusion loss"
 
     def __init__(
         self,
         scheduler_config: Mapping[str, Any],
-        settings: AdtSettings,
+        settings: "AdtSettings",
         backbone: torch.nn.Module,
         device: Any = None,
         decoder: Optional[torch.nn.Module] = None,
         family: Optional[ModelFamily] = None,
+        micro_batches: int = 1,
     ):
-        super().__init__(settings.seed)
+        super().__init__(settings.seed, micro_batches)
         self.settings = settings
+        # the rollout's graph steps and the uniform diffusion term are checkpointed calls
+        self.recomputes_graph = settings.gradient_checkpointing
         # family: the model's facts (guidance mode, timesteps per latent size); None:
         # what a bare scheduler config implies (families.family_for_scheduler)
         self.rollout = Rollout(scheduler_config, settings.rollout_config(), device=device, family=family)
@@ -134,7 +162,40 @@ class AdtStrategy(LossStrategy):
         self._g_warmup = linear_warmup(settings.g_warmup_steps)
         self._adv_warmup = linear_warmup(settings.adv_warmup_steps)
         self.skipped_d_steps = 0
-        _broadcast_from_rank0(self.disc)
+        # all processes start from rank 0's discriminator (heads, twins, batch-norm stats)
+        broadcast_from_rank0(self.disc.state_for_checkpoint().values())
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: "AdtSettings",
+        scheduler_config: Mapping[str, Any],
+        *,
+        micro_batches: int = 1,
+        device: Any = None,
+        backbone: Optional[torch.nn.Module] = None,
+        backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
+        family: Optional[ModelFamily] = None,
+    ) -> "AdtStrategy":
+        """Backbone: the one given, else `backbone_loader()`, else DINOv2 from
+        `settings.backbone_path`; decoder: `settings.decoder_path` if set."""
+        if backbone is None:
+            if backbone_loader is None:
+                from ..backbones import load_dinov2
+
+                backbone = load_dinov2(settings.backbone_path, settings.taps)
+            else:
+                backbone = backbone_loader()
+        decoder = None
+        if settings.decoder_path:
+            from ..decode import load_tiny_decoder
+
+            decoder = load_tiny_decoder(settings.decoder_path, device)
+        return cls(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder, family=family, micro_batches=micro_batches)
+
+    @property
+    def discriminator(self) -> Discriminator:
+        return self.disc
 
     def generator_lr_factor(self, step: Optional[int] = None) -> float:
         return self._g_warmup((self.step if step is None else step) // self.micro_batches)
@@ -144,7 +205,10 @@ class AdtStrategy(LossStrategy):
         step = self.step if step is None else step
         return (step // self.micro_batches + 1) % self.settings.g_every == 0
 
-    def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:
+    def next_call_updates_generator(self) -> bool:
+        return self.is_generator_step()
+
+    def run(self, model: CountingAdapter, batch: TrainBatch) -> StrategyOutput:
         g_step = self.is_generator_step()
         x0 = batch.x0
         plan = self.rollout.plan(self.generator)
@@ -156,7 +220,9 @@ class AdtStrategy(LossStrategy):
         if g_step and self.settings.diff_timestep == "uniform":
             l_diff_g, diff_output = self._uniform_diffusion_loss(model, batch)
 
-        decode = self.decoder or model.decode
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            return model.decode(latents) if self.decoder is None else model.counted_decode(self.decoder, latents)
+
         with torch.no_grad():
             real = decode(x0)
         with torch.set_grad_enabled(g_step):
@@ -171,6 +237,7 @@ class AdtStrategy(LossStrategy):
                 real_target = disc.features(real if self.settings.reference == "self" else real[ref.to(real.device)], self.generator)
         with torch.set_grad_enabled(g_step):
             fake_features = disc.features(fake, self.generator)
+        model.count_discriminator(x0.shape[0] * (3 if real_target is not None else 2))
 
         logs = self._discriminator_step(real_online, real_target, fake_features)
         logs.update({"loss/diff": float(l_diff.detach()), "adt/rollout_steps": float(plan.num_steps)})
@@ -184,11 +251,13 @@ class AdtStrategy(LossStrategy):
                 logs["loss/diff_uniform"] = float(l_diff_g.detach())
             weight = self._adv_warmup(self.step)
             if self.settings.adv_balance == "grad":
-                g_adv_term, balance = balance_adversarial(
+                g_adv_term, unbounded = balance_adversarial(
                     g_adv, result.sample, result.first_prediction, diff_term, self.settings.adv_ratio, diff_output
                 )
+                balance = min(unbounded, MAX_ADV_WEIGHT)
                 weight *= balance
                 logs["adt/balance"] = balance
+                logs["adt/balance_unbounded"] = unbounded
             else:
                 g_adv_term = g_adv
             loss = weight * g_adv_term + diff_term
@@ -200,11 +269,10 @@ class AdtStrategy(LossStrategy):
         logs["lr/G_factor"] = self.generator_lr_factor()
         # Every forward in train mode (the D step, the twins' reference, the G scoring)
         # moved batch-norm statistics with this process's batch: make them equal again.
-        _average_buffers(disc)
-        self.step += 1
+        average_batch_norm_stats(disc)
         return StrategyOutput(loss, g_step, logs)
 
-    def _uniform_diffusion_loss(self, model: ModelAdapter, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _uniform_diffusion_loss(self, model: CountingAdapter, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain diffusion loss at a training timestep drawn uniformly (FT's), from
         its own noise: (loss, prediction). One more denoiser forward and backward per
         generator step; with a few-step sampler the rollout's start steps are only a
@@ -237,7 +305,8 @@ class AdtStrategy(LossStrategy):
             logs["D/skipped"] = float(self.skipped_d_steps)
             return logs
         l_d.backward()
-        _all_reduce_grads(self.d_optimizer)
+        # the same step in every process, so the twins (updated from these weights) stay identical
+        average_gradients((p for group in self.d_optimizer.param_groups for p in group["params"]), zero_fill=False)
         logs["grad_norm/D"] = float(
             torch.nn.utils.clip_grad_norm_(self.disc.trainable_parameters(), max_norm=float("inf"))
         )
@@ -267,42 +336,3 @@ class AdtStrategy(LossStrategy):
         self.d_scheduler.load_state_dict(state["d_scheduler"])
         self.skipped_d_steps = int(state.get("skipped_d_steps", 0))
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _broadcast_from_rank0(module: torch.nn.Module) -> None:
-    """All processes start from rank 0's discriminator (heads, twins, batch-norm stats)."""
-    if _distributed():
-        for tensor in module.state_for_checkpoint().values():
-            dist.broadcast(tensor, src=0)
-
-
-def _average_buffers(module: torch.nn.Module) -> None:
-    """Batch-norm running statistics (heads, predictors and twins) see each process's
-    own batch; average them so that the discriminator and a saved checkpoint are the
-    same everywhere. Only those: the other buffers (the input normalisation's mean
-    and std) are constants. The generator's graph holds the running statistics too
-    (batch norm's backward takes them as inputs, but in training mode does not use
-    them), so they are averaged through `.data`, which leaves autograd's version
-    counter alone."""
-    if _distributed():
-        world = dist.get_world_size()
-        for name, buf in module.named_buffers():
-            if name.endswith(("running_mean", "running_var")) and not name.startswith("backbone."):
-                dist.all_reduce(buf.data, op=dist.ReduceOp.SUM)
-                buf.data.div_(world)
-
-
-def _all_reduce_grads(optimizer: torch.optim.Optimizer) -> None:
-    """Average the discriminator's gradients over processes, so that every process
-    takes the same step and the twins, updated from those weights, stay identical."""
-    if not _distributed():
-        return
-    world = dist.get_world_size()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(world)

@@ -29,14 +29,17 @@ step 0.1 in absolute L2 on 3x32x32, i.e. about 0.0018 RMS.)
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from ..adapter import ModelAdapter
 from ..losses import diffusion_loss
-from .base import StrategyOutput, TrainBatch
+from .base import StrategyOutput, TrainBatch, register_strategy
 from .ft import FtStrategy
+
+if TYPE_CHECKING:
+    from ..settings import AdtSettings
 
 
 def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
@@ -76,25 +79,42 @@ def ascend(
     return out
 
 
+@register_strategy
 class AtStrategy(FtStrategy):
     name = "at"
+    description = "adversarial training of the denoiser input: worst delta in a norm ball, target corrected (AT)"
 
     def __init__(
         self,
         scheduler_config: Mapping[str, Any],
-        steps: int = 3,
-        epsilon: float = 0.1,
-        step_size: float = 0.05,
-        seed: int = 0,
+        steps: int,
+        epsilon: float,
+        step_size: float,
+        seed: int,
+        micro_batches: int = 1,
         timestep_weighting: str = "uniform",
         family=None,
     ):
-        super().__init__(scheduler_config, seed=seed, timestep_weighting=timestep_weighting, family=family)
+        super().__init__(scheduler_config, seed=seed, micro_batches=micro_batches, timestep_weighting=timestep_weighting, family=family)
         if steps < 1:
             raise ValueError(f"at_steps must be >= 1, got {steps}")
         self.steps, self.epsilon, self.step_size = int(steps), float(epsilon), float(step_size)
 
-    def __call__(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:
+    @classmethod
+    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, family=None, **_: Any):
+        strategy = cls(
+            scheduler_config,
+            steps=settings.at_steps,
+            epsilon=settings.at_epsilon,
+            step_size=settings.at_step_size,
+            seed=settings.seed,
+            micro_batches=micro_batches,
+            family=family,
+        )
+        strategy.settings = settings
+        return strategy
+
+    def run(self, model: ModelAdapter, batch: TrainBatch) -> StrategyOutput:
         x0, cond = batch.x0, batch.cond
         t, noise = self.draw(x0)
         _, sigma = self.schedule.alpha_sigma(t)
@@ -110,7 +130,6 @@ class AtStrategy(FtStrategy):
         loss = torch.stack([l for _, l in replays]).mean()
         delta = replays[-1][0]
         rms = float(_per_sample_norm(delta).mean()) / math.sqrt(x0[0].numel())
-        self.step += 1
         return StrategyOutput(
             loss,
             True,

@@ -241,7 +241,7 @@ def build(
     return adapter, backbone, optimizer, params, x0, cond
 
 
-def strategies(args, backbone, device):
+def strategies(args, backbone, device, g_every: Optional[int] = None):
     from ..settings import AdtSettings
     from ..strategies import build_strategy
 
@@ -251,7 +251,7 @@ def strategies(args, backbone, device):
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         k_graph_steps=args.k,
-        g_every=args.g_every,
+        g_every=g_every or args.g_every,
         gradient_checkpointing=not args.no_checkpointing,
         taps=taps,
         g_warmup_steps=0,
@@ -286,15 +286,16 @@ def warm_optimizer(optimizer, params) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def setup(args, model: BenchModel, device):
+def setup(args, model: BenchModel, device, g_every: Optional[int] = None):
     """The measured pieces, built the same way for every phase: (adapter, optimizer
-    with its state created, x0, cond, ft strategy, adt strategy)."""
+    with its state created, x0, cond, ft strategy, adt strategy); `g_every`
+    overrides ADT's H."""
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     adapter, backbone, optimizer, params, x0, cond = build(
         model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
         args.decoder == "tiny",
     )
-    ft, adt = strategies(args, backbone, device)
+    ft, adt = strategies(args, backbone, device, g_every)
     warm_optimizer(optimizer, params)
     return adapter, optimizer, x0, cond, ft, adt
 
@@ -337,7 +338,7 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
     adapter.saved.count, steps = 0, 0.0
     t0 = clock(device)
     for _ in range(args.cycles * args.g_every):
-        adapter.saved.active = not adt.is_generator_step()  # count on discriminator-only iterations
+        adapter.saved.active = not adt.next_call_updates_generator()  # count on discriminator-only iterations
         steps += generator_update(adt, adapter, batch, optimizer).logs["adt/rollout_steps"]
     d_only_saved = adapter.saved.count
     cycles_time = clock(device) - t0
@@ -361,10 +362,10 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
 def memory_phase(args, model: BenchModel, device, phase: str) -> float:
     """Peak memory (bytes) of one FT step or one ADT generator iteration, above the
     memory held before it (models, optimizer state, inputs)."""
-    adapter, optimizer, x0, cond, ft, adt = setup(args, model, device)
+    # H = 2: a warm-up iteration (discriminator-only: creates the D optimizer's state), then a
+    # generator one (measured); an iteration computes the same whatever H is
+    adapter, optimizer, x0, cond, ft, adt = setup(args, model, device, g_every=2)
     strategy = ft if phase == "ft" else adt
-    if phase == "adt":
-        strategy.step = args.g_every - 2  # a warm-up iteration (creates the D optimizer's state), then a generator one
     generator_update(strategy, adapter, (x0, cond), optimizer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

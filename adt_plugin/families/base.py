@@ -102,16 +102,34 @@ class LoraNames:
     """What a LoRA trains and how the tools name its keys.
 
     targets        peft module-name suffixes in the diffusers denoiser
+    exclude        a regular expression of full module names the suffixes must not
+                   take (FLUX: the final layer's `proj_out`, which sd-scripts leaves out)
     original       the weight layout kohya / ComfyUI files use for the denoiser
-                   ("ldm_unet", "mmdit", "flux", "zimage"); `train/keymap.py` maps names
-    kohya_prefix   sd-scripts' LoRA key prefix (`lora_unet_<original name with _>`)
-    comfy_prefix   the denoiser's prefix in a ComfyUI / single-file checkpoint
+                   ("ldm_unet", "mmdit", "flux"; "": none known, so full fine-tunes are
+                   saved as diffusers folders only); `train/keymap.py` maps names
+    kohya_names    how sd-scripts names LoRA layers: "original" (lora_unet_ + the
+                   original name, fused layers as one) or "diffusers" (lora_unet_ + the
+                   diffusers module name: sd-scripts trains SD1/SD2 on diffusers' UNet)
+    file_format    the layout `adt train` writes: "kohya" (lora_down / lora_up / alpha
+                   with kohya names) or "diffusers" (transformer.<module>.lora_A / lora_B,
+                   alpha / rank folded into B): the one the family's users can load
+    diffusers_reads_kohya   whether diffusers' load_lora_weights reads this family's
+                   kohya files at any model size (SD3: no converter; FLUX: its converter
+                   assumes FLUX.1's real widths); if not, `adt eval` converts them itself
+    text_encoders  sd-scripts' text-encoder LoRA prefixes -> the pipeline's attribute
+    network_module sd-scripts' `ss_network_module` for the family's LoRA files
     """
 
     targets: tuple[str, ...] = ()
     original: str = ""
     kohya_prefix: str = "lora_unet"
     comfy_prefix: str = "model.diffusion_model."
+    exclude: str = ""
+    kohya_names: str = "original"
+    file_format: str = "kohya"
+    diffusers_reads_kohya: bool = True
+    text_encoders: tuple[tuple[str, str], ...] = ()
+    network_module: str = "networks.lora"
 
 
 # What sd-scripts trains by default on the SD UNet: every linear (and 1x1 conv) layer
@@ -134,6 +152,8 @@ class ModelFamily:
     sigmas = "scheduler"
     #: latent pixels per token side: image_seq_len = (h // patch) (w // patch)
     patch = 2
+    #: latent sizes must be multiples of this (transformers that patchify the latents: 2)
+    latent_multiple = 1
     #: a latent size (h, w) the family is commonly run at (schedule length, reports)
     default_latent_size = (64, 64)
     cond_keys: tuple[str, ...] = ("encoder_hidden_states",)
@@ -149,9 +169,30 @@ class ModelFamily:
     #: the family whose weights these are when two differ only in use (sd2 of sd1's
     #: layout, Z-Image-Turbo of Z-Image): detection cannot tell them apart
     variant_of = ""
-    #: for the front ends (phase 2): the sd-scripts script and OneTrainer model types
+    #: modelspec.implementation of saved files
+    implementation = "diffusers"
+    #: the diffusers pipeline components a model folder may leave out (loaded as None)
+    optional_components: tuple[str, ...] = ()
+    #: the hub repository whose diffusers configs and tokenizers a single-file
+    #: checkpoint needs; "": single files are not loaded (a diffusers folder only)
+    config_repo = ""
+    #: for the front ends: the sd-scripts script and OneTrainer model types
     kohya_script = ""
     onetrainer_model_types: tuple[str, ...] = ()
+
+    @property
+    def flow(self) -> bool:
+        """A flow-matching (velocity) model: it needs a flow sampler."""
+        return self.prediction == "flow"
+
+    def model_spec(self, prediction_type: str) -> dict[str, str]:
+        """What saved files say the model is (sd-scripts' ss_* keys, the model spec)."""
+        return {
+            "ss_base_model_version": self.base_model_version,
+            "ss_v2": "False",
+            "modelspec.architecture": self.architecture,
+            "modelspec.implementation": self.implementation,
+        }
 
     # -- detection ------------------------------------------------------------------
     def matches_config(self, denoiser_config: Mapping[str, Any], text_config: Optional[Mapping[str, Any]]) -> bool:
@@ -251,6 +292,24 @@ class ModelFamily:
 
     def vae_dtype(self, train_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if (self.vae.fp32_under_fp16 and train_dtype == torch.float16) else train_dtype
+
+    # -- the family's diffusers pipeline (adt eval) -----------------------------------
+    def pipeline_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """Initial noise [B, C, h, w] as the pipeline's `latents` argument takes it."""
+        return noise
+
+    def pipeline_guidance(self, value: float, negative_prompt: str, batch: int) -> dict[str, Any]:
+        """The pipeline call's guidance arguments for the user's guidance value."""
+        self.guidance.check(value, self.label)
+        if self.guidance.mode == "cfg":
+            guided = self.guidance.cfg_scale(value) is not None
+            return {"guidance_scale": value, "negative_prompt": [negative_prompt] * batch if guided else None}
+        if negative_prompt:
+            raise ValueError(
+                f"{self.label} does not guide against a negative prompt ({self.guidance.mode} guidance); "
+                f"leave the negative prompt empty"
+            )
+        return {"guidance_scale": value}
 
     def __repr__(self) -> str:
         return f"<model family {self.name}: {self.label}>"

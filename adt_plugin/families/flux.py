@@ -26,8 +26,10 @@ import torch
 from ..adapter import Cond
 from .base import Guidance, LoraNames, ModelFamily, VaeSpec, embedded_guidance
 
-# Every linear layer of the double- and single-stream blocks except the modulations
-# (sd-scripts' default for FLUX LoRA). Suffixes: the top-level proj_out matches too.
+# Every linear layer of the double- and single-stream blocks, modulations included:
+# what sd-scripts' networks/lora_flux.py trains by default (every Linear inside
+# DoubleStreamBlock and SingleStreamBlock). peft matches suffixes, so the final layer's
+# top-level `proj_out` is excluded by name (FLUX_LORA_EXCLUDE).
 FLUX_LORA_TARGETS = (
     "to_q",
     "to_k",
@@ -43,7 +45,11 @@ FLUX_LORA_TARGETS = (
     "ff_context.net.2",
     "proj_mlp",
     "proj_out",
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm.linear",
 )
+FLUX_LORA_EXCLUDE = "proj_out"
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,7 @@ class FluxFamily(ModelFamily):
     denoiser_class = "FluxTransformer2DModel"
     denoiser_attr = "transformer"
     prediction = "flow"
+    latent_multiple = 2  # the transformer patchifies 2x2 latents
     guidance = Guidance("embedded", train_value=3.5)
     sigmas = "linspace"
     patch = 2
@@ -82,10 +89,20 @@ class FluxFamily(ModelFamily):
     cond_keys = ("encoder_hidden_states", "pooled_projections")
     text_keys = ("encoder_hidden_states", "pooled_projections")
     vae = VaeSpec(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
-    lora = LoraNames(FLUX_LORA_TARGETS, "flux")
+    # sd-scripts' layout (lora_unet_double_blocks_0_img_attn_qkv, ...), what ComfyUI and
+    # sd-scripts read; diffusers' converter reads it too, at FLUX.1's real widths
+    lora = LoraNames(
+        FLUX_LORA_TARGETS,
+        "flux",
+        exclude=FLUX_LORA_EXCLUDE,
+        diffusers_reads_kohya=False,
+        text_encoders=(("lora_te1_", "text_encoder"),),
+        network_module="networks.lora_flux",
+    )
     preset = {"sampler": "flow_euler", "num_inference_steps": 28, "guidance_scale": 3.5}
     base_model_version = "flux1"
     architecture = "flux-1-dev"
+    implementation = "https://github.com/black-forest-labs/flux"
     kohya_script = "flux_train_network.py"
     onetrainer_model_types = ("FLUX_DEV_1",)
     #: T5 tokens (the pipeline's max_sequence_length)
@@ -103,6 +120,9 @@ class FluxFamily(ModelFamily):
             captions, captions, device=device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def pipeline_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return pack_latents(noise)  # FluxPipeline takes its `latents` packed
 
     def denoise(self, denoiser, sample: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = sample.shape

@@ -49,11 +49,13 @@ class Sd1Family(ModelFamily):
     guidance = Guidance("cfg")
     default_latent_size = (64, 64)
     vae = VaeSpec(latent_channels=4, scaling_factor=0.18215)
-    lora = LoraNames(UNET_LORA_TARGETS, "ldm_unet")
+    # sd-scripts trains SD1/SD2 on diffusers' UNet: its LoRA names are diffusers module names
+    lora = LoraNames(UNET_LORA_TARGETS, "ldm_unet", kohya_names="diffusers")
     # the paper's SD1.5 settings (the core's defaults)
     preset = {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 7.0}
     base_model_version = "sd_v1"
     architecture = "stable-diffusion-v1"
+    config_repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     kohya_script = "train_network.py"
     onetrainer_model_types = ("STABLE_DIFFUSION_15",)
 
@@ -72,6 +74,7 @@ class Sd2Family(Sd1Family):
     base_model_version = "sd_v2"
     architecture = "stable-diffusion-v2-512"
     variant_of = "sd1"  # the same UNet layout: either name runs either
+    config_repo = "stabilityai/stable-diffusion-2-1"
     onetrainer_model_types = (
         "STABLE_DIFFUSION_20",
         "STABLE_DIFFUSION_20_BASE",
@@ -81,6 +84,12 @@ class Sd2Family(Sd1Family):
 
     def matches_config(self, denoiser_config, text_config):
         return _is_sd2_config(denoiser_config, text_config)
+
+    def model_spec(self, prediction_type):
+        spec = {**super().model_spec(prediction_type), "ss_v2": "True"}
+        if prediction_type == "v_prediction":  # the 768 px models
+            spec.update({"ss_base_model_version": "sd_v2_v", "modelspec.architecture": "stable-diffusion-v2-768-v"})
+        return spec
 
     def matches_keys(self, keys, shapes):
         return (_is_sd_unet_keys(keys) or any(k.startswith("cond_stage_model.model.") for k in keys)) and _is_sd2_keys(keys, shapes)

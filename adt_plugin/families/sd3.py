@@ -34,17 +34,30 @@ class Sd3Family(ModelFamily):
     denoiser_class = "SD3Transformer2DModel"
     denoiser_attr = "transformer"
     prediction = "flow"
+    latent_multiple = 2  # the transformer patchifies 2x2 latents
     guidance = Guidance("cfg")
     sigmas = "scheduler"
     default_latent_size = (128, 128)
     cond_keys = ("encoder_hidden_states", "pooled_projections")
     text_keys = ("encoder_hidden_states", "pooled_projections")
     vae = VaeSpec(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
-    lora = LoraNames(MMDIT_LORA_TARGETS, "mmdit")
+    # Written in diffusers' layout: diffusers has no reader for sd-scripts' SD3 names, and
+    # ComfyUI reads both (train/keymap.py); `adt eval` converts sd-scripts' files.
+    lora = LoraNames(
+        MMDIT_LORA_TARGETS,
+        "mmdit",
+        file_format="diffusers",
+        diffusers_reads_kohya=False,
+        text_encoders=(("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")),
+    )
     # the paper's SD3 settings
     preset = {"sampler": "flow_euler", "num_inference_steps": 28, "guidance_scale": 7.0, "d_lr": 1e-6}
     base_model_version = "sd3"
     architecture = "stable-diffusion-3"
+    implementation = "https://github.com/Stability-AI/generative-models"
+    # SD3 runs without its T5 encoder (the pipeline then uses zeros); a folder may leave it out
+    optional_components = ("text_encoder_3", "tokenizer_3")
+    config_repo = "stabilityai/stable-diffusion-3-medium-diffusers"
     kohya_script = "sd3_train_network.py"
     onetrainer_model_types = ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")
 

@@ -32,6 +32,8 @@ class SdxlFamily(ModelFamily):
     preset = {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 5.0, "d_lr": 1e-6}
     base_model_version = "sdxl_base_v1-0"
     architecture = "stable-diffusion-xl-v1-base"
+    implementation = "https://github.com/Stability-AI/generative-models"
+    config_repo = "stabilityai/stable-diffusion-xl-base-1.0"
     kohya_script = "sdxl_train_network.py"
     onetrainer_model_types = ("STABLE_DIFFUSION_XL_10_BASE",)
 

@@ -49,6 +49,7 @@ class ZImageFamily(ModelFamily):
     denoiser_class = "ZImageTransformer2DModel"
     denoiser_attr = "transformer"
     prediction = "flow"
+    latent_multiple = 2  # the transformer patchifies 2x2 latents
     guidance = Guidance("cfg", cfg_offset=1.0)
     sigmas = "linspace"
     patch = 2
@@ -56,10 +57,13 @@ class ZImageFamily(ModelFamily):
     cond_keys = ("encoder_hidden_states", "encoder_attention_mask")
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
     vae = VaeSpec(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
-    lora = LoraNames(ZIMAGE_LORA_TARGETS, "zimage")
+    # diffusers' layout (transformer.<module>.lora_A / lora_B): what ZImagePipeline loads;
+    # no original (single-file) layout is mapped, so full fine-tunes save diffusers folders
+    lora = LoraNames(ZIMAGE_LORA_TARGETS, "", kohya_names="diffusers", file_format="diffusers")
     preset = {}  # the base model's deployed sampler is not stated here
     base_model_version = "z_image"
     architecture = "z-image"
+    implementation = "https://github.com/Tongyi-MAI/Z-Image"
     onetrainer_model_types = ("Z_IMAGE",)
     #: text tokens the pipeline pads to (and truncates at)
     max_sequence_length = 512

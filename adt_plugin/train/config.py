@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..families import FAMILIES as FAMILY_MODULES
 from ..settings import AdtSettings, SettingsError, coerce_fields
 
 if sys.version_info >= (3, 11):
@@ -36,7 +37,7 @@ else:  # Python 3.10: the `toml` package (a dependency)
         return _toml.loads(text)
 
 
-FAMILIES = ("auto", "sd1", "sd2", "sdxl", "sd3")
+FAMILIES = ("auto", *FAMILY_MODULES)  # auto: found from the model (families.family_for)
 METHODS = ("lora", "full")
 PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -59,7 +60,7 @@ def _at_least(section: str, name: str, value: float, low: float) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # a diffusers folder or a single-file .safetensors checkpoint
-    family: str = "auto"  # auto | sd1 | sd2 | sdxl | sd3
+    family: str = "auto"  # auto | a families name: sd1 sd2 sdxl sd3 flux_dev flux_schnell zimage zimage_turbo
     # Single-file checkpoints need the diffusers configs and tokenizers of their
     # model (a folder, e.g. the model repo downloaded without weights).
     config_dir: str = ""

@@ -356,7 +356,12 @@ def lora_layer_name(family: Any, module: str, config: Mapping[str, Any], fmt: Lo
 
 
 def _linear_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    """(name, layer) of every linear / conv layer; a layer peft wrapped under its own name."""
+    return [
+        (n.removesuffix(".base_layer"), m)
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in n
+    ]
 
 
 def _out_features(module: torch.nn.Module) -> int:

@@ -2,7 +2,7 @@
 
 Modules, one concept each:
   config      the run's TOML: sections as dataclasses, presets, `key=value` overrides
-  presets     `adt presets`: the paper's settings as TOML files in `presets/`
+  presets     `adt presets`: the paper's settings as TOML files in `adt_plugin/presets/`
   data        kohya-layout image folders, aspect-ratio buckets, batches, caches
   loading     diffusers folders and single-file checkpoints, offline
   models      per-family model adapters (the core's `ModelAdapter`)

@@ -216,7 +216,7 @@ class TestOneTrainer:
         checkout = root / "OneTrainer"
         shutil.copytree(ONETRAINER, checkout, ignore=shutil.ignore_patterns("venv", ".venv", "conda_env", "workspace*", ".git"),
                         symlinks=True)
-        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--python", python])
+        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--no-pip"])  # python has adt-plugin
         assert rc == 0, out
         build(python, f"t.tiny_sd15_full_diffusers(Path({str(root / 'sd15')!r}))\n"
                       f"t.tiny_dinov2_folder(Path({str(root / 'dinov2')!r}))\n"
@@ -290,5 +290,5 @@ class TestOneTrainer:
         assert rc == 0, out
         assert not (checkout / "modules" / "modelSetup" / "adt_plugin_shim.py").exists()
         assert not list((checkout / "training_presets").rglob("*ADT*"))
-        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--python", python])  # back, for reruns
+        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--no-pip"])  # back, for reruns
         assert rc == 0, out

@@ -320,3 +320,61 @@ def test_bench_runs_on_a_tiny_flux(capsys):
     out = capsys.readouterr().out
     assert "tiny-flux (64 px, batch 2, full)" in out and "flow_euler 4 steps, guidance 3.5 (embedded)" in out
     assert "tensors saved for backward in denoiser + decoder: 0 (goal 0)" in out
+
+
+def test_memory_options_fp8_base_and_gradient_checkpointing_train_a_flux_lora(assets, tmp_path, monkeypatch):
+    """The frozen transformer stored in float8 (cast per layer to bf16 for its forward),
+    block checkpointing of the transformer and the VAE decode: the run trains the LoRA
+    (float32) and saves it; a full fine-tune with an fp8 base is refused before loading."""
+    from adt_plugin.train import setup
+
+    out = tmp_path / "fp8"
+    over = ["model.base_dtype='fp8'", "train.mixed_precision='bf16'", "train.gradient_checkpointing=true", "train.max_steps=2"]
+    loaded = []
+    real_load_model = setup.load_model
+
+    def spy(*args, **kwargs):
+        model = real_load_model(*args, **kwargs)
+        loaded.append(model)
+        return model
+
+    monkeypatch.setattr("adt_plugin.train.loop.load_model", spy)
+    result = train(config_for(assets, out, "flux_dev", overrides=over), echo=lambda m: None)
+    assert result.status == "done"
+    denoiser = loaded[0].denoiser
+    dtypes = {p.dtype for n, p in denoiser.named_parameters() if "lora_" not in n}
+    assert torch.float8_e4m3fn in dtypes and all(p.dtype == torch.float32 for p in loaded[0].params)
+    assert denoiser.is_gradient_checkpointing
+    lora = load_file(out / "tiny.safetensors")
+    assert any(k.endswith(".lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    with pytest.raises(ConfigError, match="base_dtype = 'fp8' stores the frozen weights of a LoRA run"):
+        train(config_for(assets, tmp_path / "full", "flux_dev", "ft", "full", ["model.base_dtype='fp8'"]), echo=lambda m: None)
+
+
+FLOW_PRESETS = {"flux-dev-flow28": "flux_dev", "flux-schnell-flow4": "flux_schnell", "zimage-turbo-flow9": "zimage_turbo"}
+
+
+@pytest.mark.parametrize("stem", sorted(FLOW_PRESETS))
+def test_the_later_families_presets_run_their_deployed_sampler(stem):
+    """Each family file states the family module's deployed sampler (one source each, checked
+    to agree); the four presets per family (full / LoRA, ADT / FT) load, and what they ask
+    for fits the family before any model loads."""
+    from adt_plugin.presets import family_adt_defaults
+    from adt_plugin.train.setup import check_model_fits, check_sampler_fits
+
+    family = get_family(FLOW_PRESETS[stem])
+    stated = family_adt_defaults(family.name)
+    assert {k: stated[k] for k in ("sampler", "num_inference_steps", "guidance_scale")} == dict(family.preset)
+    for suffix in ("adt", "ft", "lora-adt", "lora-ft"):
+        config = load_run_config(None, f"{stem}-{suffix}", ["model.path=m", "data.folder=d"])
+        assert config.model.family == family.name and config.adt.strategy == suffix.split("-")[-1]
+        check_sampler_fits(config, family)
+        check_model_fits(config, family)
+        a = config.adt
+        assert (a.k_graph_steps, a.g_every, a.lambda_diff) == (3, 5, 0.5)  # the paper's training settings
+        if suffix.startswith("lora"):
+            assert config.train.method == "lora" and config.data.cache_latents and config.data.cache_text
+            assert config.train.gradient_checkpointing
+            assert config.model.base_dtype == ("fp8" if family.lora.original == "flux" else "auto")
+        else:
+            assert config.train.method == "full" and config.train.learning_rate == a.d_lr

@@ -68,11 +68,15 @@ class ModelConfig:
     prediction_type: str = ""  # override the model's: epsilon | v_prediction (SD2-768 single files)
     vae_dtype: str = "auto"  # auto: fp32 for SDXL under fp16 (its VAE overflows), else the weights' dtype
     attention: str = "auto"  # auto (xformers if installed, else SDPA) | sdpa | xformers
+    # LoRA only: the frozen denoiser stored in float8 (e4m3), each layer cast to the
+    # training dtype for its forward (diffusers' layerwise casting); halves a bf16 base
+    base_dtype: str = "auto"  # auto: the training dtype | fp8
 
     def __post_init__(self):
         _one_of("model", "family", self.family, FAMILIES)
         _one_of("model", "vae_dtype", self.vae_dtype, DTYPES)
         _one_of("model", "attention", self.attention, ("auto", "sdpa", "xformers"))
+        _one_of("model", "base_dtype", self.base_dtype, ("auto", "fp8"))
         _one_of("model", "prediction_type", self.prediction_type, ("", "epsilon", "v_prediction"))
 
 

@@ -63,6 +63,19 @@ def check_environment(config: RunConfig) -> None:
             ) from err
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("[train] mixed_precision = 'fp16' needs a CUDA device; use 'bf16' or 'no' on the CPU")
+    if config.model.base_dtype == "fp8":
+        if config.train.method != "lora":
+            raise ConfigError(
+                "[model] base_dtype = 'fp8' stores the frozen weights of a LoRA run in float8; a full fine-tune trains "
+                "them (in float32): set train.method = 'lora' or base_dtype = 'auto'"
+            )
+        from diffusers import ModelMixin
+
+        if not hasattr(torch, "float8_e4m3fn") or not hasattr(ModelMixin, "enable_layerwise_casting"):
+            raise ConfigError(
+                "[model] base_dtype = 'fp8' needs torch with float8 and diffusers with layerwise casting (>= 0.32); "
+                "upgrade them or set base_dtype = 'auto'"
+            )
 
 
 def check_sampler_fits(config: RunConfig, family: ModelFamily) -> None:
@@ -223,6 +236,8 @@ def load_model(config: RunConfig, family: ModelFamily, procs: Processes, say: Sa
     if full:
         params = list(denoiser.to(torch.float32).requires_grad_(True).parameters())
     else:
+        if config.model.base_dtype == "fp8":  # before the LoRA: its own layers stay float32
+            denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
         params = add_lora(denoiser, family, config.lora)
     for p in params:  # trainable weights in float32 whatever the base's dtype
         p.data = p.data.float()

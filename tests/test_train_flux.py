@@ -322,7 +322,18 @@ def test_bench_runs_on_a_tiny_flux(capsys):
     assert "tensors saved for backward in denoiser + decoder: 0 (goal 0)" in out
 
 
-def test_memory_options_fp8_base_and_gradient_checkpointing_train_a_flux_lora(assets, tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: the
+    bf16 run below gets its own, and the tests after it get theirs back."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_memory_options_fp8_base_and_gradient_checkpointing_train_a_flux_lora(assets, tmp_path, monkeypatch, fresh_accelerate):
     """The frozen transformer stored in float8 (cast per layer to bf16 for its forward),
     block checkpointing of the transformer and the VAE decode: the run trains the LoRA
     (float32) and saves it; a full fine-tune with an fp8 base is refused before loading."""

@@ -167,7 +167,6 @@ def _run(args) -> int:
     prompts = read_prompts(args.prompts)
     specs = parse_models(args.models, args.base_model)
     seeds = parse_seeds(args.seeds)
-    sampling_defaults(args, specs)
     if args.ref:
         list_images(args.ref)  # fail before hours of generation, not after
     for spec in specs:  # an unreadable LoRA file, too (its fit to the model is checked when it loads)
@@ -185,6 +184,7 @@ def _run(args) -> int:
             print(f"adt eval: note: {missing_message(key, folders)} (its metrics will be skipped)")
     out = Path(args.out)
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    sampling_defaults(args, specs)  # the models' families (configs only), before any generation
     settings = SamplingSettings(args.sampler, args.steps, args.cfg, args.width, args.height, args.negative, seeds)
     jobs = {spec.name: plan_jobs(out, spec, prompts, settings) for spec in specs}
     for spec in specs:

@@ -106,7 +106,7 @@ def _build_sd3_files(models: Path) -> None:
     from adt_plugin.train.config import LoraConfig
     from adt_plugin.train.keymap import KOHYA
     from adt_plugin.train.lora import add_lora, to_kohya
-    from adt_plugin.train.models import FAMILIES
+    from adt_plugin.families import FAMILIES
 
     checkpoint, transformer = build_sd3_checkpoint(seed=0)
     save_file(checkpoint, str(models / "checkpoints" / CKPT_SD3))

@@ -18,10 +18,13 @@ from adt_plugin import AdtSettings, SettingsError
 from adt_plugin.checkpoint import CheckpointMismatch
 from adt_plugin.kohya import launch
 from adt_plugin.kohya.args import add_adt_arguments, settings_from_args
-from adt_plugin.kohya.families import FAMILIES, KohyaContext, family_for_script
+from adt_plugin.families import get_family
+from adt_plugin.kohya.families import SCRIPTS, KohyaContext, KohyaModel, model_for_script
 from adt_plugin.kohya.trainer import STATE_FILE, check_args, make_trainer_class
 
-SD = FAMILIES["sd"]
+SD = KohyaModel(get_family("sd1"))
+SDXL = KohyaModel(get_family("sdxl"))
+SD3 = KohyaModel(get_family("sd3"))
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +211,10 @@ def test_every_settings_field_is_an_option_and_parses():
 
 def test_family_defaults_yield_to_given_values():
     p = parser()
-    sd3 = FAMILIES["sd3"]
-    assert settings_from_args(p.parse_args([]), sd3.defaults).sampler == "flow_euler"
-    given = settings_from_args(p.parse_args(["--adt_num_inference_steps", "10"]), sd3.defaults)
+    assert settings_from_args(p.parse_args([]), SD3.defaults).sampler == "flow_euler"
+    given = settings_from_args(p.parse_args(["--adt_num_inference_steps", "10"]), SD3.defaults)
     assert given.num_inference_steps == 10 and given.sampler == "flow_euler"
-    assert settings_from_args(p.parse_args([]), FAMILIES["sdxl"].defaults).guidance_scale == 5.0
+    assert settings_from_args(p.parse_args([]), SDXL.defaults).guidance_scale == 5.0
 
 
 def test_toml_keys_are_checked():
@@ -260,8 +262,8 @@ GUI_TAIL = ["--mixed_precision", "fp16", "--num_processes", "1", "--num_machines
 def fake_sd_scripts(root: Path) -> Path:
     (root / "library").mkdir(parents=True)
     (root / "library" / "train_util.py").write_text("")
-    for family in FAMILIES.values():
-        (root / family.script).write_text("")
+    for script in SCRIPTS:
+        (root / script).write_text("")
     return root
 
 
@@ -275,8 +277,9 @@ def test_gui_launch_options_after_our_module_are_applied(tmp_path, monkeypatch):
     import os
 
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "fp16"
-    family, found, script_args = launch.resolve(rest, None)
-    assert family.name == "sdxl" and found == root.resolve() and script_args == ["--config_file", "c.toml", "--adt_g_every", "5"]
+    script, found, script_args = launch.resolve(rest, None)
+    assert script == "sdxl_train_network.py" and found == root.resolve()
+    assert script_args == ["--config_file", "c.toml", "--adt_g_every", "5"]
 
 
 def test_launch_refusals(tmp_path):
@@ -285,13 +288,13 @@ def test_launch_refusals(tmp_path):
     with pytest.raises(SystemExit, match="not an sd-scripts checkout"):
         launch.resolve([str(tmp_path / "train_network.py")], None)
     with pytest.raises(SystemExit, match="not an sd-scripts LoRA training script"):
-        launch.resolve([str(tmp_path / "flux_train_network.py")], None)
+        launch.resolve([str(tmp_path / "lumina_train_network.py")], None)
     root = fake_sd_scripts(tmp_path / "sd-scripts")
-    with pytest.raises(SystemExit, match="trains SDXL, but this entry point is for SD3"):
-        launch.resolve([str(root / "sdxl_train_network.py")], "sd3")
-    family, found, rest = launch.resolve(["--sd_scripts", str(root), "--resolution", "512"], "sd3")
-    assert family.name == "sd3" and rest == ["--resolution", "512"]
-    assert family_for_script("x/sd3_train_network.py").name == "sd3"
+    with pytest.raises(SystemExit, match="this entry point runs sd3_train_network.py, not sdxl_train_network.py"):
+        launch.resolve([str(root / "sdxl_train_network.py")], "sd3_train_network.py")
+    script, found, rest = launch.resolve(["--sd_scripts", str(root), "--resolution", "512"], "sd3_train_network.py")
+    assert script == "sd3_train_network.py" and rest == ["--resolution", "512"]
+    assert model_for_script("x/sd3_train_network.py").family is get_family("sd3")
 
 
 # -- family specifics -------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def test_rollout_scheduler_follows_the_run():
     assert v["prediction_type"] == "v_prediction" and v["rescale_betas_zero_snr"] is True
     assert {k: eps[k] for k in ("beta_start", "beta_end", "num_train_timesteps")} == {
         k: DDPM_CONFIG[k] for k in ("beta_start", "beta_end", "num_train_timesteps")}
-    assert "FlowMatch" in FAMILIES["sd3"].scheduler_config(None, None)["_class_name"]
+    assert "FlowMatch" in SD3.scheduler_config(None, None)["_class_name"]
 
 
 class _Accel:
@@ -323,7 +326,7 @@ def test_sdxl_size_conditioning_reaches_call_unet():
             seen.update(batch=batch, text=len(text_conds))
             return noisy_latents * 2
 
-    family = FAMILIES["sdxl"]
+    family = SDXL
     ctx = KohyaContext(SdxlStandIn(), sd_scripts.default_args(), _Accel(), None, torch.float32)
     sizes = {k: torch.tensor([[64, 64]]) for k in family.batch_keys}
     cond = family.pack_cond(ctx, [torch.ones(1, 3, 8), torch.ones(1, 3, 4), torch.ones(1, 4)], sizes)
@@ -344,7 +347,7 @@ def test_sd3_conditioning_is_concatenated_as_sd_scripts_does():
         calls.update(t=t, context=context.shape, y=y.shape)
         return x
 
-    family = FAMILIES["sd3"]
+    family = SD3
     ctx = KohyaContext(None, sd_scripts.default_args(), _Accel(), mmdit, torch.float32, text_encoding_strategy=Sd3Strategy())
     cond = family.pack_cond(ctx, [torch.ones(1, 77, 2048), torch.ones(1, 5, 4096), torch.ones(1, 2048), None, None, None], {})
     family.denoise(ctx, torch.ones(1, 16, 4, 4), torch.tensor([500.0]), cond)
@@ -442,7 +445,7 @@ def test_command_line_wins_over_the_toml_and_family_defaults_fill_in(tmp_path):
 
     (tmp_path / "c.toml").write_text("[adt]\nadt_g_every = 3\nadt_taps = [1, 3]\n")
     settings = read_adt_options(["--config_file", str(tmp_path / "c.toml"), "--adt_g_every", "4", "--resolution", "512"],
-                                FAMILIES["sd3"].defaults)
+                                SD3.defaults)
     assert (settings.g_every, settings.taps, settings.sampler) == (4, (1, 3), "flow_euler")
 
 

@@ -57,7 +57,9 @@ class Sd1Family(ModelFamily):
     architecture = "stable-diffusion-v1"
     config_repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     kohya_script = "train_network.py"
+    kohya_trainer_class = "NetworkTrainer"
     onetrainer_model_types = ("STABLE_DIFFUSION_15",)
+    onetrainer_setup = "StableDiffusion"
 
     def matches_config(self, denoiser_config, text_config):
         return not _is_sd2_config(denoiser_config, text_config)

@@ -64,7 +64,16 @@ class ZImageFamily(ModelFamily):
     base_model_version = "z_image"
     architecture = "z-image"
     implementation = "https://github.com/Tongyi-MAI/Z-Image"
+    # Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json (the base model's is the same)
+    scheduler_config = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": False,
+    }
+    # OneTrainer trains Z-Image and Z-Image-Turbo under one model type
     onetrainer_model_types = ("Z_IMAGE",)
+    onetrainer_setup = "ZImage"
     #: text tokens the pipeline pads to (and truncates at)
     max_sequence_length = 512
 

@@ -507,3 +507,149 @@ def test_help_lists_the_adt_options_without_looking_for_a_backbone(tmp_path, mon
     with pytest.raises(SystemExit) as stop:
         launch.main([str(root / "train_network.py"), "--help"])
     assert stop.value.code == 0 and "--adt_g_every" in capsys.readouterr().out
+
+
+# -- FLUX.1 in flux_train_network.py (stand-in: tests/standins/sd_scripts.py FluxNetworkTrainer) -----------
+FLUX_DEV = KohyaModel(get_family("flux_dev"))
+FLUX_SCHNELL = KohyaModel(get_family("flux_schnell"))
+
+
+def flux_models(guidance_embed=True, seed=0):
+    torch.manual_seed(seed)
+    return sd_scripts.TinyTextEncoder(), sd_scripts.TinyTextEncoder(), sd_scripts.TinyAE(), sd_scripts.TinyFlux(guidance_embed)
+
+
+def flux_batches(n, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    tok = sd_scripts.FluxTokenizeStrategy()
+    return [{"latents": torch.randn(1, 16, 8, 8, generator=gen), "input_ids_list": tok.tokenize(f"a cat {i}"),
+             "loss_weights": torch.ones(1)} for i in range(n)]
+
+
+def flux_run(dinov2, tmp_path, model=FLUX_DEV, guidance_embed=True, **kw):
+    adt = dict(adt_backbone_path=str(dinov2), adt_taps=[1, 3], adt_head_channels=8, adt_num_inference_steps=3,
+               adt_g_every=2, adt_k_graph_steps=1, adt_d_lr=1e-3, adt_g_warmup_steps=0, adt_d_warmup_steps=0)
+    adt.update({k: v for k, v in kw.items() if k.startswith("adt_")})
+    rest = {k: v for k, v in kw.items() if not k.startswith("adt_")}
+    rest.setdefault("batches", flux_batches(rest.get("max_train_steps", 2)))
+    rest.setdefault("max_train_steps", 2)
+    args = sd_scripts.flux_default_args(output_dir=str(tmp_path), models=flux_models(guidance_embed), **rest, **adt)
+    trainer = make_trainer_class(sd_scripts.FluxNetworkTrainer, model)()
+    trainer.train(args)
+    return trainer, args.models[3]
+
+
+def test_flux_dev_rollout_guides_by_embedding_and_the_diffusion_term_uses_the_trainers_guidance(dinov2, tmp_path):
+    trainer, flux = flux_run(dinov2, tmp_path, guidance_scale=1.0, save_every_n_steps=1)
+    assert trainer.adt.settings.guidance_scale == 3.5 and trainer.adt.settings.num_inference_steps == 3  # the family's default
+    assert not trainer.adt.uses_cfg and trainer.adt.empty_prompt is None  # embedded guidance: no empty prompt, one pass
+    rollout = [c for c in flux.calls if c["guidance"] is not None and bool((c["guidance"] == 3.5).all())]
+    training = [c for c in flux.calls if c["guidance"] is not None and bool((c["guidance"] == 1.0).all())]
+    assert len(rollout) + len(training) == len(flux.calls)
+    assert len(training) == 1  # the generator iteration's diffusion term, with sd-scripts' --guidance_scale
+    # the rollout's timesteps are FLUX.1-dev's schedule for this size (8x8 latents: 16 tokens, mu from the released config)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV.family.scheduler_config)
+    FLUX_DEV.family.set_timesteps(scheduler, 3, (8, 8))
+    expected = {round(float(s), 5) for s in scheduler.timesteps / 1000}
+    assert {round(float(c["timesteps"][0]), 5) for c in rollout} <= expected and all(c["tokens"] == 16 for c in flux.calls)
+    step1, step2 = (lora(tmp_path / f"lora-step0000000{i}.safetensors") for i in (1, 2))
+    assert torch.count_nonzero(step1["unet_loras.0.lora_up.weight"]) == 0 and not same(step1, step2)
+    assert (tmp_path / "lora.adt_disc.safetensors").exists()
+
+
+def test_flux_schnell_runs_one_pass_without_guidance(dinov2, tmp_path):
+    trainer, flux = flux_run(dinov2, tmp_path, model=FLUX_SCHNELL, guidance_embed=False)
+    settings = trainer.adt.settings
+    assert (settings.num_inference_steps, settings.guidance_scale) == (3, 0.0)
+    assert trainer.adt.empty_prompt is None and trainer.adt.runner.strategy.step == 2
+    assert trainer.adt.logs()["loss/G"] == trainer.adt.logs()["loss/G"]
+
+
+def test_flux_trainer_timestep_sampling_is_what_the_diffusion_term_draws():
+    """sd-scripts' get_noisy_model_input_and_timesteps, per --timestep_sampling, against the family
+    ModelFamily.with_training gives the core (same generator draws)."""
+    latent = (64, 64)
+    for sampling, extra in (("uniform", {}), ("sigmoid", {"sigmoid_scale": 1.5}), ("shift", {"discrete_flow_shift": 3.1582}),
+                            ("flux_shift", {}), ("sigma", {"weighting_scheme": "logit_normal", "logit_mean": 0.5})):
+        args = sd_scripts.flux_default_args(timestep_sampling=sampling, **extra)
+        family = FLUX_DEV.training(args)
+        drawn = family.train_sigmas(FLUX_DEV.family.scheduler_config, 5, torch.Generator().manual_seed(3), latent)
+        gen = torch.Generator().manual_seed(3)
+        if sampling == "uniform":
+            expected = torch.rand(5, generator=gen)
+        else:
+            mean = args.logit_mean if sampling == "sigma" else 0.0
+            std = args.logit_std if sampling == "sigma" else args.sigmoid_scale
+            u = torch.sigmoid(mean + std * torch.randn(5, generator=gen))
+            if sampling == "sigmoid":
+                expected = u
+            else:
+                import math
+
+                mu = (64 // 2) * (64 // 2) * (1.15 - 0.5) / (4096 - 256) + 0.5 - 256 * (1.15 - 0.5) / (4096 - 256)
+                shift = math.exp(mu) if sampling == "flux_shift" else args.discrete_flow_shift
+                expected = shift * u / (1 + (shift - 1) * u)
+        assert torch.allclose(drawn, expected, atol=1e-6), sampling
+        assert family.guidance.train_value == 3.5 and FLUX_DEV.family.guidance.train_value == 3.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(blocks_to_swap=8), "--blocks_to_swap 8 is not supported with --adt_strategy adt"),
+    (dict(split_mode=True), "--split_mode (it sets --blocks_to_swap 18)"),
+    (dict(model_type="chroma"), "--model_type chroma is not supported"),
+])
+def test_flux_options_adt_cannot_run_with_are_refused(args, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_args(sd_scripts.flux_default_args(**args), AdtSettings(), FLUX_DEV)
+    check_args(sd_scripts.flux_default_args(fp8_base=True, gradient_checkpointing=True), AdtSettings(), FLUX_DEV)
+    if "model_type" not in args:  # the plain-diffusion baseline: one forward per backward, block swap works
+        check_args(sd_scripts.flux_default_args(**args), AdtSettings(strategy="ft"), FLUX_DEV)
+
+
+def test_flux_options_adt_does_not_follow_are_named(caplog):
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
+        check_args(sd_scripts.flux_default_args(), AdtSettings(), FLUX_DEV)  # sd-scripts' defaults: sigma_scaled
+    assert "model_prediction_type=sigma_scaled (ADT's terms use the velocity, as raw)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
+        check_args(sd_scripts.flux_default_args(model_prediction_type="raw", timestep_sampling="shift"), AdtSettings(), FLUX_DEV)
+    assert not caplog.text
+
+
+def flux_checkpoint(path, guidance: bool):
+    from safetensors.torch import save_file
+
+    keys = {"double_blocks.0.img_attn.proj.bias": torch.zeros(2), "single_blocks.0.modulation.lin.bias": torch.zeros(2)}
+    if guidance:
+        keys["guidance_in.in_layer.bias"] = torch.zeros(2)
+    save_file(keys, str(path))
+    return path
+
+
+def test_launcher_reads_dev_or_schnell_from_the_checkpoint_before_sd_scripts_is_imported(tmp_path, monkeypatch, dinov2):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "train_util.py").write_text("")
+    (root / "flux_train_network.py").write_text("raise RuntimeError('sd-scripts was imported')\n")
+    dev, schnell = flux_checkpoint(tmp_path / "dev.safetensors", True), flux_checkpoint(tmp_path / "schnell.safetensors", False)
+    base = [str(root / "flux_train_network.py"), "--adt_backbone_path", str(dinov2), "--adt_taps", "1", "3"]
+    model, settings = launch.check_before_loading("flux_train_network.py", [*base[1:], "--pretrained_model_name_or_path", str(dev)])
+    assert model.family is get_family("flux_dev") and (settings.num_inference_steps, settings.guidance_scale) == (28, 3.5)
+    (tmp_path / "c.toml").write_text(f'[model]\npretrained_model_name_or_path = "{schnell}"\n')
+    model, settings = launch.check_before_loading("flux_train_network.py", [*base[1:], "--config_file", str(tmp_path / "c.toml")])
+    assert model.family is get_family("flux_schnell") and (settings.num_inference_steps, settings.guidance_scale) == (4, 0.0)
+    monkeypatch.setattr("sys.path", list(sys.path))
+    for extra, message in (
+        (["--pretrained_model_name_or_path", str(schnell), "--adt_guidance_scale", "3.5"],
+         "--adt_guidance_scale: FLUX.1-schnell is guidance-distilled"),
+        (["--pretrained_model_name_or_path", str(dev), "--adt_sampler", "ddim"], "--adt_sampler 'ddim' does not fit FLUX.1-dev"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "missing.safetensors")], "--pretrained_model_name_or_path:"),
+        ([], "flux_train_network.py trains FLUX.1-dev or FLUX.1-schnell: give --pretrained_model_name_or_path"),
+        (["--pretrained_model_name_or_path", str(dev), "--blocks_to_swap", "10"], "--blocks_to_swap 10 is not supported"),
+        (["--pretrained_model_name_or_path", str(dev), "--model_type", "chroma"], "--model_type chroma is not supported"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            launch.main([*base, *extra])
+        assert message in str(stop.value) and str(stop.value).startswith("adt_plugin.kohya: "), (message, str(stop.value))

@@ -10,8 +10,9 @@ and calls its own models:
                        size keys
   Sd3NetworkTrainer    SD3: MMDiT(x, t, context=..., y=...) as its get_noise_pred_and_target
   FluxNetworkTrainer   FLUX.1: Flux(img=packed, img_ids, txt, txt_ids, y, timesteps / 1000,
-                       guidance, txt_attention_mask) as its get_noise_pred_and_target, with
-                       sd-scripts' own pack_latents / prepare_img_ids; the AE decodes
+                       guidance, txt_attention_mask) as its get_noise_pred_and_target (the
+                       family's packing = sd-scripts' pack_latents / prepare_img_ids); the
+                       AE decodes
 
 and which of the trainer's options the family's training-time calls follow (FLUX:
 `--guidance_scale` is the guidance its diffusion loss feeds the transformer,
@@ -36,6 +37,8 @@ import torch
 from ..families import FAMILIES as MODEL_FAMILIES
 from ..families import FamilyError, ModelFamily, family_for, interchangeable
 from ..families.base import TrainTimesteps, embedded_guidance
+from ..families.flux import image_ids as flux_image_ids
+from ..families.flux import pack_latents, unpack_latents
 from ..presets import defaults_for
 
 
@@ -230,16 +233,16 @@ class FluxNetworkTrainerCalls(NetworkTrainerCalls):
                                                             ctx.args.apply_t5_attn_mask)
 
     def denoise(self, ctx, family, sample, timestep, cond):
-        from library import flux_utils  # sd-scripts' own, as its trainer packs
-
         b, _, h, w = sample.shape
         guidance = embedded_guidance(family, cond, b, sample.device)
         l_pooled, t5_out, txt_ids, t5_attn_mask = (cond[key] for key in FLUX_TEXT_KEYS)
-        img_ids = flux_utils.prepare_img_ids(b, h // 2, w // 2).to(device=sample.device)
+        # the family's 2x2 packing and (0, row, col) ids: the layout of sd-scripts' flux_utils.pack_latents /
+        # prepare_img_ids (batched here, as sd-scripts' Flux concatenates text and image ids per sample)
+        img_ids = flux_image_ids(h, w, sample.device, torch.float32)[None].expand(b, -1, -1)
         sample = _checkpointing_inputs(ctx, sample.to(ctx.weight_dtype), [l_pooled, t5_out])
         with ctx.accelerator.autocast():
             out = ctx.unet(
-                img=flux_utils.pack_latents(sample),
+                img=pack_latents(sample),
                 img_ids=img_ids,
                 txt=t5_out,
                 txt_ids=txt_ids,
@@ -248,7 +251,7 @@ class FluxNetworkTrainerCalls(NetworkTrainerCalls):
                 guidance=guidance,
                 txt_attention_mask=t5_attn_mask if ctx.args.apply_t5_attn_mask else None,
             )
-        return flux_utils.unpack_latents(out, h // 2, w // 2).float()
+        return unpack_latents(out, h, w).float()
 
     def decode(self, ctx, latents):
         vae = ctx.vae

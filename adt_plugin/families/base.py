@@ -202,6 +202,9 @@ class ModelFamily:
     #: the hub repository whose diffusers configs and tokenizers a single-file
     #: checkpoint needs; "": single files are not loaded (a diffusers folder only)
     config_repo = ""
+    #: the released model's diffusers repository on the Hugging Face hub (the GUI presets name it
+    #: as the base model; "": none)
+    released_repo = ""
     #: the released model's scheduler config (diffusers' scheduler/scheduler_config.json),
     #: for trainers that ship none (sd-scripts); {}: the trainer's own config is used
     scheduler_config: Mapping[str, Any] = {}

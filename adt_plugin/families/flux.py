@@ -103,6 +103,7 @@ class FluxFamily(ModelFamily):
     base_model_version = "flux1"
     architecture = "flux-1-dev"
     implementation = "https://github.com/black-forest-labs/flux"
+    released_repo = "black-forest-labs/FLUX.1-dev"
     # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (sd-scripts ships none)
     scheduler_config = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -161,6 +162,7 @@ class FluxSchnellFamily(FluxFamily):
     guidance = Guidance("none")
     preset = {"sampler": "flow_euler", "num_inference_steps": 4, "guidance_scale": 0.0}
     architecture = "flux-1-schnell"
+    released_repo = "black-forest-labs/FLUX.1-schnell"
     # black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json
     scheduler_config = {**FluxFamily.scheduler_config, "shift": 1.0, "use_dynamic_shifting": False}
     max_sequence_length = 256  # what BFL's reference and diffusers' schnell example use

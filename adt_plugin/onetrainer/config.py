@@ -189,15 +189,18 @@ def stated(section: Any) -> set[str]:
     return getattr(section, STATED)
 
 
-def family_defaults(model_type: Any) -> dict[str, Any]:
+def family_defaults(model_type: Any, config: Any = None) -> dict[str, Any]:
     """The ADT settings the model family of a OneTrainer model type states ({} for a model
-    type ADT does not train)."""
+    type ADT does not train); where a model type holds several families (FLUX_DEV_1: dev
+    and schnell), the one the config's local base model is."""
+    from ..presets import defaults_for
     from .families import family_of
 
     model = family_of(model_type)
     if model is None:
         return {}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in model.defaults().items()}
+    values = defaults_for(model.family_for_config(config)) if config is not None else {}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in (values or model.defaults()).items()}
 
 
 def apply_family_defaults(config: Any) -> dict[str, Any]:
@@ -207,7 +210,7 @@ def apply_family_defaults(config: Any) -> dict[str, Any]:
     if section is None:
         return {}
     changed = {}
-    for key, value in family_defaults(getattr(config, "model_type", None)).items():
+    for key, value in family_defaults(getattr(config, "model_type", None), config).items():
         if key not in stated(section) and getattr(section, key, value) != value:
             setattr(section, key, value)
             changed[key] = value

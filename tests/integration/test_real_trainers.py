@@ -105,7 +105,7 @@ class TestSdScripts:
         rc, log = self.train(world, out, "--max_train_steps", "4", "--save_every_n_steps", "1", "--save_last_n_steps", "2",
                              "--save_state", "--logging_dir", tmp_path / "logs")
         assert rc == 0, log[-3000:]
-        assert "ADT: strategy adt, SD 1.x / 2.x" in log
+        assert "ADT: strategy adt, Stable Diffusion 1.x" in log
         names = sorted(p.name for p in out.glob("*.safetensors"))
         # --save_last_n_steps 2 keeps steps 2..4; the discriminator files went with the pruned LoRAs
         assert names == ["tiny-step00000002.adt_disc.safetensors", "tiny-step00000002.safetensors",
@@ -391,7 +391,7 @@ class TestOneTrainer:
         return run([python, "scripts/train.py", "--preset-path", f"training_presets/{self.PRESETS[model]}",
                     "--config-path", config, *extra], cwd=checkout, **env)
 
-    @pytest.mark.parametrize("model, label, sampler", [("sdxl", "SDXL", "ddim"), ("sd3", "SD3", "flow_euler")])
+    @pytest.mark.parametrize("model, label, sampler", [("sdxl", "SDXL", "ddim"), ("sd3", "Stable Diffusion 3", "flow_euler")])
     def test_sdxl_and_sd3_presets_train_and_save(self, world, tmp_path, model, label, sampler):
         """The SDXL and SD3 ADT presets on tiny models of those architectures (SD3 with a
         one-layer T5): OneTrainer's own loaders, data pipeline, setups and savers."""
@@ -462,7 +462,7 @@ class TestOneTrainer:
         workspace = tmp_path / "ws"
         rc, log = self.train(world, self.config(world, workspace))
         assert rc == 0, log[-3000:]
-        assert "ADT: strategy adt, SD 1.x / 2.x" in log
+        assert "ADT: strategy adt, Stable Diffusion 1.x" in log
         backups = sorted((workspace / "backup").iterdir())
         assert backups and all((b / "adt_disc.safetensors").exists() for b in backups)
         saves = sorted((workspace / "save").glob("*-save-*.safetensors"))

@@ -214,14 +214,37 @@ class GeneratorStepGate:
                 del self.optimizer.step
 
 
-def start_line(settings: Any, model_label: str) -> str:
+def check_family_fits(settings: Any, family: Any, prefix: str = "") -> None:
+    """Refuse, before any model loads, ADT settings the model family's sampler would not
+    run: a rollout sampler of the other kind (flow vs noise prediction), a guidance value
+    a guidance-distilled family ignores. `prefix` spells the settings as the front end
+    does ("--adt_", "adt."). Only the `adt` strategy rolls out."""
+    from .samplers import SAMPLERS, resolve_sampler_name
+    from .settings import SettingsError
+
+    if settings.strategy != "adt":
+        return
+    if family.prediction and SAMPLERS[resolve_sampler_name(settings.sampler)].flow != family.flow:
+        fitting = sorted(name for name, spec in SAMPLERS.items() if spec.flow == family.flow)
+        raise SettingsError(f"{prefix}sampler {settings.sampler!r} does not fit {family.label}; use one of {', '.join(fitting)}")
+    try:
+        family.guidance.check(settings.guidance_scale, family.label)
+    except ValueError as err:
+        raise SettingsError(f"{prefix}guidance_scale: {err}") from None
+
+
+def start_line(settings: Any, model_label: str, family: Any = None) -> str:
     """What a trainer plugin prints at start: the strategy and what it does with its settings
-    (the rollout, CFG and H only where the strategy has them)."""
+    (the rollout, its guidance as the model family uses it, and H only where the strategy
+    has them)."""
     s = settings
     if s.strategy == "adt":
+        mode = family.guidance.mode if family is not None else "cfg"
+        guidance = {"cfg": f"CFG {s.guidance_scale}", "embedded": f"embedded guidance {s.guidance_scale}",
+                    "none": "no guidance"}[mode]
         what = (
             f"rollout {s.sampler} x {s.num_inference_steps} steps (graph through {s.k_graph_steps}), "
-            f"CFG {s.guidance_scale}, {s.discriminator} discriminator on {s.backbone_path} taps "
+            f"{guidance}, {s.discriminator} discriminator on {s.backbone_path} taps "
             f"{','.join(map(str, s.taps))}, generator update every {s.g_every} iteration(s)"
         )
     elif s.strategy == "ft":
@@ -238,4 +261,4 @@ def start_line(settings: Any, model_label: str) -> str:
     return f"ADT: strategy {s.strategy}, {model_label}: {what}"
 
 
-__all__ = ["FunctionAdapter", "GeneratorStepGate", "StrategyRunner", "loop_loss", "start_line"]
+__all__ = ["FunctionAdapter", "GeneratorStepGate", "StrategyRunner", "check_family_fits", "loop_loss", "start_line"]

@@ -97,12 +97,11 @@ class NoiseSchedule:
         the family's shift for a latent of `latent_size` (h, w) where it depends on it."""
         if not self.flow:
             return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
-        if weighting == "logit_normal":
-            u = torch.sigmoid(torch.randn(batch_size, generator=generator))
-        elif weighting == "uniform":
-            u = torch.rand(batch_size, generator=generator)
-        else:
+        if weighting == "uniform":  # the family's draw, or the trainer's (ModelFamily.with_training)
+            return self.family.train_sigmas(self.config, batch_size, generator, latent_size) * self.num_train_timesteps
+        if weighting != "logit_normal":
             raise ValueError(f"unknown timestep weighting {weighting!r}; expected uniform or logit_normal")
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator))
         shift = self.family.train_shift(self.config, latent_size) if latent_size is not None else self.shift
         s = shift * u / (1 + (shift - 1) * u)
         return s * self.num_train_timesteps

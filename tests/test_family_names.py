@@ -18,7 +18,7 @@ from adt_plugin.families import FAMILIES
 ROOT = Path(__file__).resolve().parents[1]
 # the trainer plugins and the generator of their GUI presets (per tool and family fields)
 # move onto the family modules in phase 2b
-LEFT_TO_PHASE_2B = ("adt_plugin/families/", "adt_plugin/kohya/", "adt_plugin/onetrainer/", "adt_plugin/presets/generate.py")
+LEFT_TO_PHASE_2B = ("adt_plugin/families/",)
 NAMES = set(FAMILIES)
 
 

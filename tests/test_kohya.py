@@ -18,10 +18,13 @@ from adt_plugin import AdtSettings, SettingsError
 from adt_plugin.checkpoint import CheckpointMismatch
 from adt_plugin.kohya import launch
 from adt_plugin.kohya.args import add_adt_arguments, settings_from_args
-from adt_plugin.kohya.families import FAMILIES, KohyaContext, family_for_script
+from adt_plugin.families import get_family
+from adt_plugin.kohya.families import SCRIPTS, KohyaContext, KohyaModel, model_for_script
 from adt_plugin.kohya.trainer import STATE_FILE, check_args, make_trainer_class
 
-SD = FAMILIES["sd"]
+SD = KohyaModel(get_family("sd1"))
+SDXL = KohyaModel(get_family("sdxl"))
+SD3 = KohyaModel(get_family("sd3"))
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +211,10 @@ def test_every_settings_field_is_an_option_and_parses():
 
 def test_family_defaults_yield_to_given_values():
     p = parser()
-    sd3 = FAMILIES["sd3"]
-    assert settings_from_args(p.parse_args([]), sd3.defaults).sampler == "flow_euler"
-    given = settings_from_args(p.parse_args(["--adt_num_inference_steps", "10"]), sd3.defaults)
+    assert settings_from_args(p.parse_args([]), SD3.defaults).sampler == "flow_euler"
+    given = settings_from_args(p.parse_args(["--adt_num_inference_steps", "10"]), SD3.defaults)
     assert given.num_inference_steps == 10 and given.sampler == "flow_euler"
-    assert settings_from_args(p.parse_args([]), FAMILIES["sdxl"].defaults).guidance_scale == 5.0
+    assert settings_from_args(p.parse_args([]), SDXL.defaults).guidance_scale == 5.0
 
 
 def test_toml_keys_are_checked():
@@ -260,8 +262,8 @@ GUI_TAIL = ["--mixed_precision", "fp16", "--num_processes", "1", "--num_machines
 def fake_sd_scripts(root: Path) -> Path:
     (root / "library").mkdir(parents=True)
     (root / "library" / "train_util.py").write_text("")
-    for family in FAMILIES.values():
-        (root / family.script).write_text("")
+    for script in SCRIPTS:
+        (root / script).write_text("")
     return root
 
 
@@ -275,8 +277,9 @@ def test_gui_launch_options_after_our_module_are_applied(tmp_path, monkeypatch):
     import os
 
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "fp16"
-    family, found, script_args = launch.resolve(rest, None)
-    assert family.name == "sdxl" and found == root.resolve() and script_args == ["--config_file", "c.toml", "--adt_g_every", "5"]
+    script, found, script_args = launch.resolve(rest, None)
+    assert script == "sdxl_train_network.py" and found == root.resolve()
+    assert script_args == ["--config_file", "c.toml", "--adt_g_every", "5"]
 
 
 def test_launch_refusals(tmp_path):
@@ -285,13 +288,13 @@ def test_launch_refusals(tmp_path):
     with pytest.raises(SystemExit, match="not an sd-scripts checkout"):
         launch.resolve([str(tmp_path / "train_network.py")], None)
     with pytest.raises(SystemExit, match="not an sd-scripts LoRA training script"):
-        launch.resolve([str(tmp_path / "flux_train_network.py")], None)
+        launch.resolve([str(tmp_path / "lumina_train_network.py")], None)
     root = fake_sd_scripts(tmp_path / "sd-scripts")
-    with pytest.raises(SystemExit, match="trains SDXL, but this entry point is for SD3"):
-        launch.resolve([str(root / "sdxl_train_network.py")], "sd3")
-    family, found, rest = launch.resolve(["--sd_scripts", str(root), "--resolution", "512"], "sd3")
-    assert family.name == "sd3" and rest == ["--resolution", "512"]
-    assert family_for_script("x/sd3_train_network.py").name == "sd3"
+    with pytest.raises(SystemExit, match="this entry point runs sd3_train_network.py, not sdxl_train_network.py"):
+        launch.resolve([str(root / "sdxl_train_network.py")], "sd3_train_network.py")
+    script, found, rest = launch.resolve(["--sd_scripts", str(root), "--resolution", "512"], "sd3_train_network.py")
+    assert script == "sd3_train_network.py" and rest == ["--resolution", "512"]
+    assert model_for_script("x/sd3_train_network.py").family is get_family("sd3")
 
 
 # -- family specifics -------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def test_rollout_scheduler_follows_the_run():
     assert v["prediction_type"] == "v_prediction" and v["rescale_betas_zero_snr"] is True
     assert {k: eps[k] for k in ("beta_start", "beta_end", "num_train_timesteps")} == {
         k: DDPM_CONFIG[k] for k in ("beta_start", "beta_end", "num_train_timesteps")}
-    assert "FlowMatch" in FAMILIES["sd3"].scheduler_config(None, None)["_class_name"]
+    assert "FlowMatch" in SD3.scheduler_config(None, None)["_class_name"]
 
 
 class _Accel:
@@ -323,7 +326,7 @@ def test_sdxl_size_conditioning_reaches_call_unet():
             seen.update(batch=batch, text=len(text_conds))
             return noisy_latents * 2
 
-    family = FAMILIES["sdxl"]
+    family = SDXL
     ctx = KohyaContext(SdxlStandIn(), sd_scripts.default_args(), _Accel(), None, torch.float32)
     sizes = {k: torch.tensor([[64, 64]]) for k in family.batch_keys}
     cond = family.pack_cond(ctx, [torch.ones(1, 3, 8), torch.ones(1, 3, 4), torch.ones(1, 4)], sizes)
@@ -344,7 +347,7 @@ def test_sd3_conditioning_is_concatenated_as_sd_scripts_does():
         calls.update(t=t, context=context.shape, y=y.shape)
         return x
 
-    family = FAMILIES["sd3"]
+    family = SD3
     ctx = KohyaContext(None, sd_scripts.default_args(), _Accel(), mmdit, torch.float32, text_encoding_strategy=Sd3Strategy())
     cond = family.pack_cond(ctx, [torch.ones(1, 77, 2048), torch.ones(1, 5, 4096), torch.ones(1, 2048), None, None, None], {})
     family.denoise(ctx, torch.ones(1, 16, 4, 4), torch.tensor([500.0]), cond)
@@ -442,7 +445,7 @@ def test_command_line_wins_over_the_toml_and_family_defaults_fill_in(tmp_path):
 
     (tmp_path / "c.toml").write_text("[adt]\nadt_g_every = 3\nadt_taps = [1, 3]\n")
     settings = read_adt_options(["--config_file", str(tmp_path / "c.toml"), "--adt_g_every", "4", "--resolution", "512"],
-                                FAMILIES["sd3"].defaults)
+                                SD3.defaults)
     assert (settings.g_every, settings.taps, settings.sampler) == (4, (1, 3), "flow_euler")
 
 
@@ -504,3 +507,149 @@ def test_help_lists_the_adt_options_without_looking_for_a_backbone(tmp_path, mon
     with pytest.raises(SystemExit) as stop:
         launch.main([str(root / "train_network.py"), "--help"])
     assert stop.value.code == 0 and "--adt_g_every" in capsys.readouterr().out
+
+
+# -- FLUX.1 in flux_train_network.py (stand-in: tests/standins/sd_scripts.py FluxNetworkTrainer) -----------
+FLUX_DEV = KohyaModel(get_family("flux_dev"))
+FLUX_SCHNELL = KohyaModel(get_family("flux_schnell"))
+
+
+def flux_models(guidance_embed=True, seed=0):
+    torch.manual_seed(seed)
+    return sd_scripts.TinyTextEncoder(), sd_scripts.TinyTextEncoder(), sd_scripts.TinyAE(), sd_scripts.TinyFlux(guidance_embed)
+
+
+def flux_batches(n, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    tok = sd_scripts.FluxTokenizeStrategy()
+    return [{"latents": torch.randn(1, 16, 8, 8, generator=gen), "input_ids_list": tok.tokenize(f"a cat {i}"),
+             "loss_weights": torch.ones(1)} for i in range(n)]
+
+
+def flux_run(dinov2, tmp_path, model=FLUX_DEV, guidance_embed=True, **kw):
+    adt = dict(adt_backbone_path=str(dinov2), adt_taps=[1, 3], adt_head_channels=8, adt_num_inference_steps=3,
+               adt_g_every=2, adt_k_graph_steps=1, adt_d_lr=1e-3, adt_g_warmup_steps=0, adt_d_warmup_steps=0)
+    adt.update({k: v for k, v in kw.items() if k.startswith("adt_")})
+    rest = {k: v for k, v in kw.items() if not k.startswith("adt_")}
+    rest.setdefault("batches", flux_batches(rest.get("max_train_steps", 2)))
+    rest.setdefault("max_train_steps", 2)
+    args = sd_scripts.flux_default_args(output_dir=str(tmp_path), models=flux_models(guidance_embed), **rest, **adt)
+    trainer = make_trainer_class(sd_scripts.FluxNetworkTrainer, model)()
+    trainer.train(args)
+    return trainer, args.models[3]
+
+
+def test_flux_dev_rollout_guides_by_embedding_and_the_diffusion_term_uses_the_trainers_guidance(dinov2, tmp_path):
+    trainer, flux = flux_run(dinov2, tmp_path, guidance_scale=1.0, save_every_n_steps=1)
+    assert trainer.adt.settings.guidance_scale == 3.5 and trainer.adt.settings.num_inference_steps == 3  # the family's default
+    assert not trainer.adt.uses_cfg and trainer.adt.empty_prompt is None  # embedded guidance: no empty prompt, one pass
+    rollout = [c for c in flux.calls if c["guidance"] is not None and bool((c["guidance"] == 3.5).all())]
+    training = [c for c in flux.calls if c["guidance"] is not None and bool((c["guidance"] == 1.0).all())]
+    assert len(rollout) + len(training) == len(flux.calls)
+    assert len(training) == 1  # the generator iteration's diffusion term, with sd-scripts' --guidance_scale
+    # the rollout's timesteps are FLUX.1-dev's schedule for this size (8x8 latents: 16 tokens, mu from the released config)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV.family.scheduler_config)
+    FLUX_DEV.family.set_timesteps(scheduler, 3, (8, 8))
+    expected = {round(float(s), 5) for s in scheduler.timesteps / 1000}
+    assert {round(float(c["timesteps"][0]), 5) for c in rollout} <= expected and all(c["tokens"] == 16 for c in flux.calls)
+    step1, step2 = (lora(tmp_path / f"lora-step0000000{i}.safetensors") for i in (1, 2))
+    assert torch.count_nonzero(step1["unet_loras.0.lora_up.weight"]) == 0 and not same(step1, step2)
+    assert (tmp_path / "lora.adt_disc.safetensors").exists()
+
+
+def test_flux_schnell_runs_one_pass_without_guidance(dinov2, tmp_path):
+    trainer, flux = flux_run(dinov2, tmp_path, model=FLUX_SCHNELL, guidance_embed=False)
+    settings = trainer.adt.settings
+    assert (settings.num_inference_steps, settings.guidance_scale) == (3, 0.0)
+    assert trainer.adt.empty_prompt is None and trainer.adt.runner.strategy.step == 2
+    assert trainer.adt.logs()["loss/G"] == trainer.adt.logs()["loss/G"]
+
+
+def test_flux_trainer_timestep_sampling_is_what_the_diffusion_term_draws():
+    """sd-scripts' get_noisy_model_input_and_timesteps, per --timestep_sampling, against the family
+    ModelFamily.with_training gives the core (same generator draws)."""
+    latent = (64, 64)
+    for sampling, extra in (("uniform", {}), ("sigmoid", {"sigmoid_scale": 1.5}), ("shift", {"discrete_flow_shift": 3.1582}),
+                            ("flux_shift", {}), ("sigma", {"weighting_scheme": "logit_normal", "logit_mean": 0.5})):
+        args = sd_scripts.flux_default_args(timestep_sampling=sampling, **extra)
+        family = FLUX_DEV.training(args)
+        drawn = family.train_sigmas(FLUX_DEV.family.scheduler_config, 5, torch.Generator().manual_seed(3), latent)
+        gen = torch.Generator().manual_seed(3)
+        if sampling == "uniform":
+            expected = torch.rand(5, generator=gen)
+        else:
+            mean = args.logit_mean if sampling == "sigma" else 0.0
+            std = args.logit_std if sampling == "sigma" else args.sigmoid_scale
+            u = torch.sigmoid(mean + std * torch.randn(5, generator=gen))
+            if sampling == "sigmoid":
+                expected = u
+            else:
+                import math
+
+                mu = (64 // 2) * (64 // 2) * (1.15 - 0.5) / (4096 - 256) + 0.5 - 256 * (1.15 - 0.5) / (4096 - 256)
+                shift = math.exp(mu) if sampling == "flux_shift" else args.discrete_flow_shift
+                expected = shift * u / (1 + (shift - 1) * u)
+        assert torch.allclose(drawn, expected, atol=1e-6), sampling
+        assert family.guidance.train_value == 3.5 and FLUX_DEV.family.guidance.train_value == 3.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(blocks_to_swap=8), "--blocks_to_swap 8 is not supported with --adt_strategy adt"),
+    (dict(split_mode=True), "--split_mode (it sets --blocks_to_swap 18)"),
+    (dict(model_type="chroma"), "--model_type chroma is not supported"),
+])
+def test_flux_options_adt_cannot_run_with_are_refused(args, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_args(sd_scripts.flux_default_args(**args), AdtSettings(), FLUX_DEV)
+    check_args(sd_scripts.flux_default_args(fp8_base=True, gradient_checkpointing=True), AdtSettings(), FLUX_DEV)
+    if "model_type" not in args:  # the plain-diffusion baseline: one forward per backward, block swap works
+        check_args(sd_scripts.flux_default_args(**args), AdtSettings(strategy="ft"), FLUX_DEV)
+
+
+def test_flux_options_adt_does_not_follow_are_named(caplog):
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
+        check_args(sd_scripts.flux_default_args(), AdtSettings(), FLUX_DEV)  # sd-scripts' defaults: sigma_scaled
+    assert "model_prediction_type=sigma_scaled (ADT's terms use the velocity, as raw)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
+        check_args(sd_scripts.flux_default_args(model_prediction_type="raw", timestep_sampling="shift"), AdtSettings(), FLUX_DEV)
+    assert not caplog.text
+
+
+def flux_checkpoint(path, guidance: bool):
+    from safetensors.torch import save_file
+
+    keys = {"double_blocks.0.img_attn.proj.bias": torch.zeros(2), "single_blocks.0.modulation.lin.bias": torch.zeros(2)}
+    if guidance:
+        keys["guidance_in.in_layer.bias"] = torch.zeros(2)
+    save_file(keys, str(path))
+    return path
+
+
+def test_launcher_reads_dev_or_schnell_from_the_checkpoint_before_sd_scripts_is_imported(tmp_path, monkeypatch, dinov2):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "train_util.py").write_text("")
+    (root / "flux_train_network.py").write_text("raise RuntimeError('sd-scripts was imported')\n")
+    dev, schnell = flux_checkpoint(tmp_path / "dev.safetensors", True), flux_checkpoint(tmp_path / "schnell.safetensors", False)
+    base = [str(root / "flux_train_network.py"), "--adt_backbone_path", str(dinov2), "--adt_taps", "1", "3"]
+    model, settings = launch.check_before_loading("flux_train_network.py", [*base[1:], "--pretrained_model_name_or_path", str(dev)])
+    assert model.family is get_family("flux_dev") and (settings.num_inference_steps, settings.guidance_scale) == (28, 3.5)
+    (tmp_path / "c.toml").write_text(f'[model]\npretrained_model_name_or_path = "{schnell}"\n')
+    model, settings = launch.check_before_loading("flux_train_network.py", [*base[1:], "--config_file", str(tmp_path / "c.toml")])
+    assert model.family is get_family("flux_schnell") and (settings.num_inference_steps, settings.guidance_scale) == (4, 0.0)
+    monkeypatch.setattr("sys.path", list(sys.path))
+    for extra, message in (
+        (["--pretrained_model_name_or_path", str(schnell), "--adt_guidance_scale", "3.5"],
+         "--adt_guidance_scale: FLUX.1-schnell is guidance-distilled"),
+        (["--pretrained_model_name_or_path", str(dev), "--adt_sampler", "ddim"], "--adt_sampler 'ddim' does not fit FLUX.1-dev"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "missing.safetensors")], "--pretrained_model_name_or_path:"),
+        ([], "flux_train_network.py trains FLUX.1-dev or FLUX.1-schnell: give --pretrained_model_name_or_path"),
+        (["--pretrained_model_name_or_path", str(dev), "--blocks_to_swap", "10"], "--blocks_to_swap 10 is not supported"),
+        (["--pretrained_model_name_or_path", str(dev), "--model_type", "chroma"], "--model_type chroma is not supported"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            launch.main([*base, *extra])
+        assert message in str(stop.value) and str(stop.value).startswith("adt_plugin.kohya: "), (message, str(stop.value))

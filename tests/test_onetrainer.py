@@ -16,6 +16,7 @@ from adt_plugin import AdtSettings, SettingsError
 from adt_plugin.onetrainer import internals
 from adt_plugin.onetrainer import setup as ot_setup
 from adt_plugin.onetrainer.config import (
+    apply_family_defaults,
     add_section, check_train_config_data, loading_from, make_section_class, settings_from_section,
 )
 from adt_plugin.onetrainer.families import FAMILIES, SEP, CapturedCall, capture_denoiser_call
@@ -23,7 +24,7 @@ from adt_plugin.onetrainer.internals import replace_registered
 from adt_plugin.onetrainer.plugin import wrapper_for
 
 REPO = Path(__file__).resolve().parents[1]
-SD = FAMILIES["sd"]
+SD = FAMILIES["StableDiffusion"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,8 @@ def small_backbone(monkeypatch):
 def config_class():
     # a class of its own per test, so the patch does not leak; its default_values builds its own instances, as upstream
     cls = type("TrainConfig", (ot.TrainConfig,), {"default_values": staticmethod(lambda: cls(ot.train_config_fields()))})
-    internals.patch_train_config(cls, make_section_class(ot.BaseConfig), add_section, check_train_config_data)
+    internals.patch_train_config(cls, make_section_class(ot.BaseConfig), add_section, check_train_config_data,
+                                 apply_family_defaults)
     return cls
 
 
@@ -128,8 +130,8 @@ def test_values_and_unsupported_models_are_checked_before_the_model_loads(caplog
     with pytest.raises(SettingsError, match="g_every must be >= 1"):
         ot_setup.check_before_loading(cfg)
     cfg = config()
-    cfg.model_type = ot.ModelType.FLUX_DEV_1
-    with pytest.raises(SettingsError, match="ADT does not train FLUX_DEV_1 LORA in OneTrainer"):
+    cfg.model_type = ot.ModelType.CHROMA_1
+    with pytest.raises(SettingsError, match="ADT does not train CHROMA_1 LORA in OneTrainer"):
         ot_setup.check_before_loading(cfg)
     cfg.adt.enabled = False
     assert ot_setup.check_before_loading(cfg) is None  # ADT off: nothing to check
@@ -158,7 +160,12 @@ def test_presets_load_into_a_valid_adt_section(path):
     assert cfg.adt.enabled is True
     settings = settings_from_section(cfg.adt)
     assert settings.strategy == "adt" and settings.taps == (2, 5, 8, 11)
-    assert (settings.sampler == "flow_euler") == ("SD3" in str(path))
+    # each preset states its family's deployed sampler (the family module's preset)
+    from adt_plugin.families import FAMILIES as MODEL_FAMILIES
+
+    family = next(f for f in MODEL_FAMILIES.values() if f.released_repo == cfg.base_model_name)
+    assert cfg.model_type.name in family.onetrainer_model_types
+    assert {k: getattr(settings, k) for k in family.preset} == dict(family.preset)
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -286,11 +293,29 @@ def test_only_our_model_types_and_methods_are_wrapped_once():
 
     for model_type in (ot.ModelType.STABLE_DIFFUSION_15, ot.ModelType.STABLE_DIFFUSION_15_INPAINTING):
         factory.register(ot.BaseModelSetup, ot.StableDiffusionLoRASetup, model_type, ot.TrainingMethod.LORA)
-    factory.register(ot.BaseModelSetup, Other, ot.ModelType.FLUX_DEV_1, ot.TrainingMethod.LORA)
+    factory.register(ot.BaseModelSetup, Other, ot.ModelType.CHROMA_1, ot.TrainingMethod.LORA)
     factory.register(ot.BaseModelSetup, Other, ot.ModelType.STABLE_DIFFUSION_15, ot.TrainingMethod.EMBEDDING)
     changed = replace_registered(factory, ot.BaseModelSetup, wrapper_for(ot_setup.wrap_setup_class))
-    assert len(changed) == 1  # SD1.5 LoRA; not inpainting, not Flux, not embeddings
+    assert len(changed) == 1  # SD1.5 LoRA; not inpainting, not Chroma, not embeddings
     wrapped = factory.get(ot.BaseModelSetup, ot.ModelType.STABLE_DIFFUSION_15, ot.TrainingMethod.LORA)
     assert issubclass(wrapped, ot.StableDiffusionLoRASetup) and wrapped is not ot.StableDiffusionLoRASetup
     assert replace_registered(factory, ot.BaseModelSetup, wrapper_for(ot_setup.wrap_setup_class)) == []  # idempotent
-    assert factory.get(ot.BaseModelSetup, ot.ModelType.FLUX_DEV_1, ot.TrainingMethod.LORA) is Other
+    assert factory.get(ot.BaseModelSetup, ot.ModelType.CHROMA_1, ot.TrainingMethod.LORA) is Other
+
+
+# -- the family's defaults when ADT is turned on for a model type --------------------------------------
+def test_keys_no_preset_or_config_stated_take_the_model_familys_values():
+    cls = config_class()
+    cfg = cls.default_values()
+    cfg.from_dict({"model_type": "FLUX_DEV_1", "adt": {"enabled": True, "num_inference_steps": 12}})
+    # FLUX.1-dev's preset values (families/flux_dev.toml) for what the config did not say; its own value kept
+    assert (cfg.adt.sampler, cfg.adt.guidance_scale, cfg.adt.d_lr, cfg.adt.num_inference_steps) == ("flow_euler", 3.5, 1e-6, 12)
+    cfg.adt.from_dict({"guidance_scale": 2.0})  # what --config-value adt.guidance_scale=2.0 does
+    cfg.from_dict({"model_type": "Z_IMAGE"})  # another model type: its unstated keys follow it
+    assert (cfg.adt.sampler, cfg.adt.num_inference_steps, cfg.adt.guidance_scale) == ("flow_euler", 12, 2.0)
+    cfg.from_dict({"model_type": "STABLE_DIFFUSION_15"})
+    assert (cfg.adt.sampler, cfg.adt.d_lr) == ("ddim", 5e-6)
+    fresh = cls.default_values()
+    fresh.model_type = ot.ModelType.Z_IMAGE  # set without from_dict (the GUI's model type box): filled at start
+    fresh.adt.enabled = True
+    assert apply_family_defaults(fresh) == {"sampler": "flow_euler", "num_inference_steps": 9, "guidance_scale": 0.0, "d_lr": 1e-6}

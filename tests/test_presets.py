@@ -11,13 +11,14 @@ import shlex
 import pytest
 
 from adt_plugin.kohya.args import add_adt_arguments, settings_from_args
-from adt_plugin.kohya.families import FAMILIES as KOHYA_FAMILIES
-from adt_plugin.presets import family_adt_defaults, folder, generate
+from adt_plugin.families import get_family
+from adt_plugin.kohya.families import KohyaModel
+from adt_plugin.onetrainer.families import family_of
+from adt_plugin.presets import defaults_for, family_adt_defaults, folder, generate
 from adt_plugin.settings import AdtSettings
 from adt_plugin.train.config import load_run_config
 from adt_plugin.train.presets import preset_layers
 
-KOHYA_FAMILY = {"sd1": "sd", "sdxl": "sdxl", "sd3": "sd3"}  # adt train's family name -> the sd-scripts plugin's
 
 
 def preset_config(name: str):
@@ -52,10 +53,16 @@ def test_kohya_gui_preset_gives_the_toml_presets_settings(target):
     add_adt_arguments(parser)
     # as kohya_gui/common_gui.py run_cmd_advanced_training: quotes removed, split on whitespace
     args = parser.parse_args(data["additional_parameters"].replace('"', "").split())
-    family = KOHYA_FAMILIES[KOHYA_FAMILY[config.model.family]]
-    assert settings_from_args(args, family.defaults) == config.adt
+    family = get_family(config.model.family)
+    assert settings_from_args(args, KohyaModel(family).defaults) == config.adt
     assert data["extra_accelerate_launch_args"] == "-m adt_plugin.kohya.launch"
-    assert (data["sdxl"], data["sd3_checkbox"]) == (config.model.family == "sdxl", config.model.family == "sd3")
+    script = family.kohya_script  # the GUI's model checkboxes pick the script the family trains with
+    assert (data["sdxl"], data["sd3_checkbox"], data.get("flux1_checkbox", False)) == (
+        script == "sdxl_train_network.py", script == "sd3_train_network.py", script == "flux_train_network.py")
+    if script == "flux_train_network.py":  # sd-scripts' recommended FLUX.1 options, memory options that ADT runs with
+        assert data["LoRA_type"] == "Flux1" and data["blocks_to_swap"] == 0 and data["split_mode"] is False
+        assert (data["timestep_sampling"], data["discrete_flow_shift"], data["model_prediction_type"]) == ("shift", 3.1582, "raw")
+        assert data["fp8_base"] == (config.model.base_dtype == "fp8") and data["gradient_checkpointing"] is True
     assert data["unet_lr"] == data["learning_rate"] == config.train.learning_rate and data["text_encoder_lr"] == 0
     assert (data["network_dim"], data["network_alpha"]) == (config.lora.rank, config.lora.alpha)
     assert data["train_batch_size"] == config.train.batch_size
@@ -75,16 +82,26 @@ def test_onetrainer_preset_gives_the_toml_presets_settings(target):
     assert (data["batch_size"], data["learning_rate"], data["resolution"]) == (
         config.train.batch_size, config.train.learning_rate, str(config.data.resolution))
     assert (data["lora_rank"], data["lora_alpha"]) == (config.lora.rank, config.lora.alpha)
+    family = get_family(config.model.family)
+    assert data["model_type"] in family.onetrainer_model_types and data["base_model_name"] == family.released_repo
+    # the preset states its family's values (FLUX_DEV_1 is dev's and schnell's model type: a config that
+    # does not state them gets dev's, see test_onetrainer)
+    assert all(section[k] == v for k, v in defaults_for(family).items())
+    assert family in family_of(data["model_type"]).families
+    if config.model.base_dtype == "fp8":
+        assert data["transformer"]["weight_dtype"] == "FLOAT_8"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux_dev", "flux_schnell"])
 def test_the_sd_scripts_plugins_family_defaults_are_the_family_files(family):
     """A kohya run without --adt_* values gets the family's sampler, CFG and D lr: the values of
-    the presets that extend families/<family>.toml."""
-    plugin = KOHYA_FAMILIES[KOHYA_FAMILY[family]]
+    the presets that extend families/<family>.toml (and the family module's deployed sampler)."""
+    plugin = KohyaModel(get_family(family))
     assert dict(plugin.defaults) == family_adt_defaults(family)
-    for name in ("ddim50", "flow28"):
-        preset = f"{'sd15' if family == 'sd1' else family}-{name}-adt"
+    assert {k: plugin.defaults[k] for k in plugin.family.preset} == dict(plugin.family.preset)
+    stem = {"sd1": "sd15", "flux_dev": "flux-dev", "flux_schnell": "flux-schnell"}.get(family, family)
+    for name in ("ddim50", "flow28", "flow4"):
+        preset = f"{stem}-{name}-adt"
         try:
             config = preset_config(preset)
         except Exception:  # noqa: BLE001 - not every family has every sampler's preset

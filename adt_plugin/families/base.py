@@ -35,6 +35,9 @@ own spacing, a resolution-dependent shift only where the config asks for one.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -82,6 +85,29 @@ class Guidance:
                 f"{family} is guidance-distilled: its sampler runs one pass without guidance, so "
                 f"guidance_scale = {value} would be ignored; set guidance_scale = 0"
             )
+
+
+@dataclass(frozen=True)
+class TrainTimesteps:
+    """How a trainer draws the flow timesteps of its own diffusion loss, s in (0, 1):
+
+        u      "uniform" (U(0, 1)) or "logit_normal" (sigmoid(mean + std N(0, 1)))
+        shift  a static shift s = shift u / (1 + (shift - 1) u), or None: exp(mu) for the
+               latent's size where the family's schedule is resolution-dependent
+               (`ModelFamily.train_shift`), else the scheduler config's shift
+
+    A front end that runs inside a trainer hands it to the family (`with_training`) so
+    that the core's own diffusion terms (FT, ADT's diffusion term) draw their timesteps
+    as that trainer's loss does; the rollout keeps the family's inference schedule."""
+
+    u: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: Optional[float] = None
+
+    def __post_init__(self):
+        if self.u not in ("uniform", "logit_normal"):
+            raise ValueError(f"TrainTimesteps.u must be uniform or logit_normal, got {self.u!r}")
 
 
 @dataclass(frozen=True)
@@ -176,14 +202,40 @@ class ModelFamily:
     #: the hub repository whose diffusers configs and tokenizers a single-file
     #: checkpoint needs; "": single files are not loaded (a diffusers folder only)
     config_repo = ""
-    #: for the front ends: the sd-scripts script and OneTrainer model types
+    #: the released model's diffusers repository on the Hugging Face hub (the GUI presets name it
+    #: as the base model; "": none)
+    released_repo = ""
+    #: the released model's scheduler config (diffusers' scheduler/scheduler_config.json),
+    #: for trainers that ship none (sd-scripts); {}: the trainer's own config is used
+    scheduler_config: Mapping[str, Any] = {}
+    #: for the front ends: the sd-scripts script and trainer class, the OneTrainer model
+    #: types and the name its setup / saver modules start with (modules/modelSetup/<name>LoRASetup)
     kohya_script = ""
+    kohya_trainer_class = ""
     onetrainer_model_types: tuple[str, ...] = ()
+    onetrainer_setup = ""
+    #: how a trainer draws its own diffusion loss's flow timesteps (see `with_training`);
+    #: None: shift-warped uniform with `train_shift`
+    train_timesteps: Optional[TrainTimesteps] = None
 
     @property
     def flow(self) -> bool:
         """A flow-matching (velocity) model: it needs a flow sampler."""
         return self.prediction == "flow"
+
+    def with_training(
+        self, train_guidance: Optional[float] = None, timesteps: Optional[TrainTimesteps] = None
+    ) -> "ModelFamily":
+        """This family as one trainer's run trains it: training-time denoiser calls (the FT
+        loss, ADT's diffusion term) use the trainer's embedded guidance value and draw their
+        timesteps as the trainer's own loss does. The rollout is unchanged (the family's
+        inference schedule and the user's guidance_scale)."""
+        run = copy.copy(self)
+        if train_guidance is not None:
+            run.guidance = dataclasses.replace(self.guidance, train_value=float(train_guidance))
+        if timesteps is not None:
+            run.train_timesteps = timesteps
+        return run
 
     def model_spec(self, prediction_type: str) -> dict[str, str]:
         """What saved files say the model is (sd-scripts' ss_* keys, the model spec)."""
@@ -246,10 +298,21 @@ class ModelFamily:
         for this size where the schedule is resolution-dependent (sd-scripts'
         `flux_shift`, OneTrainer's dynamic timestep shifting), else the config's shift."""
         if scheduler_config.get("use_dynamic_shifting", False) and latent_size is not None:
-            import math
-
             return math.exp(self.mu(scheduler_config, latent_size))
         return float(scheduler_config.get("shift", 1.0))
+
+    def train_sigmas(
+        self, scheduler_config: Mapping[str, Any], batch: int, generator: torch.Generator, latent_size: Optional[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Flow training noise levels s in (0, 1) for a batch: `train_timesteps` where a
+        trainer set one, else uniform warped by `train_shift`."""
+        spec = self.train_timesteps or TrainTimesteps()
+        if spec.u == "logit_normal":
+            u = torch.sigmoid(spec.logit_mean + spec.logit_std * torch.randn(batch, generator=generator))
+        else:
+            u = torch.rand(batch, generator=generator)
+        shift = spec.shift if spec.shift is not None else self.train_shift(scheduler_config, latent_size)
+        return shift * u / (1 + (shift - 1) * u)
 
     # -- conditioning ---------------------------------------------------------------
     def encode_text(self, pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
@@ -335,6 +398,7 @@ __all__ = [
     "LoraNames",
     "ModelFamily",
     "PREDICTIONS",
+    "TrainTimesteps",
     "UNET_LORA_TARGETS",
     "VaeSpec",
     "embedded_guidance",

@@ -103,8 +103,23 @@ class FluxFamily(ModelFamily):
     base_model_version = "flux1"
     architecture = "flux-1-dev"
     implementation = "https://github.com/black-forest-labs/flux"
+    released_repo = "black-forest-labs/FLUX.1-dev"
+    # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (sd-scripts ships none)
+    scheduler_config = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    }
     kohya_script = "flux_train_network.py"
+    kohya_trainer_class = "FluxNetworkTrainer"
+    # OneTrainer trains dev and schnell under one model type (the guidance embedding decides)
     onetrainer_model_types = ("FLUX_DEV_1",)
+    onetrainer_setup = "Flux"
     #: T5 tokens (the pipeline's max_sequence_length)
     max_sequence_length = 512
 
@@ -147,6 +162,9 @@ class FluxSchnellFamily(FluxFamily):
     guidance = Guidance("none")
     preset = {"sampler": "flow_euler", "num_inference_steps": 4, "guidance_scale": 0.0}
     architecture = "flux-1-schnell"
+    released_repo = "black-forest-labs/FLUX.1-schnell"
+    # black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json
+    scheduler_config = {**FluxFamily.scheduler_config, "shift": 1.0, "use_dynamic_shifting": False}
     max_sequence_length = 256  # what BFL's reference and diffusers' schnell example use
 
     def matches_config(self, denoiser_config, text_config):

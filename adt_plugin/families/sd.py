@@ -56,8 +56,11 @@ class Sd1Family(ModelFamily):
     base_model_version = "sd_v1"
     architecture = "stable-diffusion-v1"
     config_repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    released_repo = config_repo
     kohya_script = "train_network.py"
+    kohya_trainer_class = "NetworkTrainer"
     onetrainer_model_types = ("STABLE_DIFFUSION_15",)
+    onetrainer_setup = "StableDiffusion"
 
     def matches_config(self, denoiser_config, text_config):
         return not _is_sd2_config(denoiser_config, text_config)
@@ -75,6 +78,7 @@ class Sd2Family(Sd1Family):
     architecture = "stable-diffusion-v2-512"
     variant_of = "sd1"  # the same UNet layout: either name runs either
     config_repo = "stabilityai/stable-diffusion-2-1"
+    released_repo = config_repo
     onetrainer_model_types = (
         "STABLE_DIFFUSION_20",
         "STABLE_DIFFUSION_20_BASE",

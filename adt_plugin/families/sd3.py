@@ -58,8 +58,14 @@ class Sd3Family(ModelFamily):
     # SD3 runs without its T5 encoder (the pipeline then uses zeros); a folder may leave it out
     optional_components = ("text_encoder_3", "tokenizer_3")
     config_repo = "stabilityai/stable-diffusion-3-medium-diffusers"
+    released_repo = config_repo
+    # stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json; sd-scripts'
+    # SD3 sampler uses the same shift (sd3_train_utils.do_sample)
+    scheduler_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
     kohya_script = "sd3_train_network.py"
+    kohya_trainer_class = "Sd3NetworkTrainer"
     onetrainer_model_types = ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35")
+    onetrainer_setup = "StableDiffusion3"
 
     def matches_keys(self, keys, shapes):
         return any("joint_blocks." in k for k in keys) or (

@@ -34,8 +34,11 @@ class SdxlFamily(ModelFamily):
     architecture = "stable-diffusion-xl-v1-base"
     implementation = "https://github.com/Stability-AI/generative-models"
     config_repo = "stabilityai/stable-diffusion-xl-base-1.0"
+    released_repo = config_repo
     kohya_script = "sdxl_train_network.py"
+    kohya_trainer_class = "SdxlNetworkTrainer"
     onetrainer_model_types = ("STABLE_DIFFUSION_XL_10_BASE",)
+    onetrainer_setup = "StableDiffusionXL"
 
     def matches_config(self, denoiser_config, text_config):
         return denoiser_config.get("addition_embed_type") == "text_time" if denoiser_config else True

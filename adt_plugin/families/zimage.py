@@ -64,7 +64,17 @@ class ZImageFamily(ModelFamily):
     base_model_version = "z_image"
     architecture = "z-image"
     implementation = "https://github.com/Tongyi-MAI/Z-Image"
+    released_repo = "Tongyi-MAI/Z-Image"
+    # Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json (the base model's is the same)
+    scheduler_config = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": False,
+    }
+    # OneTrainer trains Z-Image and Z-Image-Turbo under one model type
     onetrainer_model_types = ("Z_IMAGE",)
+    onetrainer_setup = "ZImage"
     #: text tokens the pipeline pads to (and truncates at)
     max_sequence_length = 512
 
@@ -94,6 +104,7 @@ class ZImageTurboFamily(ZImageFamily):
     guidance = Guidance("none", cfg_offset=1.0)
     preset = {"sampler": "flow_euler", "num_inference_steps": 9, "guidance_scale": 0.0}
     architecture = "z-image-turbo"
+    released_repo = "Tongyi-MAI/Z-Image-Turbo"
     variant_of = "zimage"
 
     def matches_config(self, denoiser_config, text_config):

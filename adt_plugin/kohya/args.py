@@ -2,8 +2,8 @@
 
 Every field of `AdtSettings` becomes `--adt_<field>` (and the TOML key
 `adt_<field>` in a `--config_file`), so a setting added to the core shows up
-here without an edit. Options left out keep the model family's default (see
-`families.py`), then the core's default.
+here without an edit. Options left out keep the model family's default (its presets'
+families/<family>.toml), then the core's default.
 """
 
 from __future__ import annotations
@@ -91,6 +91,24 @@ def read_adt_options(argv: Sequence[str], defaults: Mapping[str, Any] = ()) -> A
     return settings_from_args(args, defaults, source=source)
 
 
+def script_option(argv: Sequence[str], name: str) -> Any:
+    """An sd-scripts option as the launcher sees it before sd-scripts parses anything: the
+    command line's value (a flag given alone: True), else the `--config_file` TOML's key
+    of that name (any section), else None. For the checks made before loading."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            return following if following is not None and not following.startswith("--") else True
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    config_file = _option_value(argv, "--config_file")
+    if config_file:
+        path = Path(config_file if config_file.endswith(".toml") else config_file + ".toml")
+        if path.is_file():
+            return _flat_toml(path).get(name.lstrip("-"))
+    return None
+
+
 def _option_value(argv: Sequence[str], name: str) -> Optional[str]:
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
@@ -131,4 +149,6 @@ def settings_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] = (
     return AdtSettings.from_mapping(values, source=source)
 
 
-__all__ = ["PREFIX", "add_adt_arguments", "option_names", "parse_bool", "read_adt_options", "settings_from_args"]
+__all__ = [
+    "PREFIX", "add_adt_arguments", "option_names", "parse_bool", "read_adt_options", "script_option", "settings_from_args",
+]

@@ -4,7 +4,8 @@
         --config_file my_lora.toml --adt_backbone_path ./dinov2-small
 
 The first argument is the sd-scripts script you would have launched
-(train_network.py for SD1.x/2.x, sdxl_train_network.py, sd3_train_network.py);
+(train_network.py for SD1.x/2.x, sdxl_train_network.py, sd3_train_network.py,
+flux_train_network.py for FLUX.1 dev and schnell);
 everything after it is that script's own options plus the `--adt_*` options.
 sd-scripts' parser, `--config_file` TOML reading and trainer run unchanged; only
 the per-batch loss is ADT's.
@@ -32,9 +33,9 @@ import runpy
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from .families import FAMILIES, Family, family_for_script
+from .families import KohyaModel, families_of_script, model_for_script
 
 ENV_SD_SCRIPTS = "ADT_SD_SCRIPTS"
 
@@ -113,62 +114,70 @@ def pop_option(argv: list[str], name: str) -> Optional[str]:
     return None
 
 
-def check_sd_scripts(root: Path, family: Family) -> Path:
+def check_sd_scripts(root: Path, script: str) -> Path:
     root = root.expanduser().resolve()
     if not (root / "library" / "train_util.py").is_file():
         raise LaunchError(
             f"{root} is not an sd-scripts checkout (no library/train_util.py); point --sd_scripts "
-            f"(or ${ENV_SD_SCRIPTS}) at the folder that holds {family.script}, e.g. kohya_ss/sd-scripts"
+            f"(or ${ENV_SD_SCRIPTS}) at the folder that holds {script}, e.g. kohya_ss/sd-scripts"
         )
-    if not (root / family.script).is_file():
-        raise LaunchError(f"{root} has no {family.script}; this sd-scripts version cannot train {family.label} LoRAs")
+    if not (root / script).is_file():
+        labels = " / ".join(f.label for f in families_of_script(script))
+        raise LaunchError(f"{root} has no {script}; this sd-scripts version cannot train {labels} LoRAs")
     return root
 
 
-def resolve(argv: list[str], family_name: Optional[str]) -> tuple[Family, Path, list[str]]:
-    """(family, sd-scripts root, the script's own arguments)."""
+def resolve(argv: list[str], entry_script: Optional[str]) -> tuple[str, Path, list[str]]:
+    """(the sd-scripts script's name, sd-scripts root, the script's own arguments)."""
     sd_scripts = pop_option(argv, "--sd_scripts")
     if argv and argv[0].endswith(".py"):
         script = Path(argv.pop(0))
         try:
-            family = family_for_script(script.name)
+            families_of_script(script.name)
         except ValueError as err:
             raise LaunchError(str(err)) from None
-        if family_name and family.name != family_name:
-            raise LaunchError(f"{script.name} trains {family.label}, but this entry point is for {FAMILIES[family_name].label}")
-        return family, check_sd_scripts(Path(sd_scripts) if sd_scripts else script.parent, family), argv
-    if family_name is None:
+        if entry_script and script.name != entry_script:
+            raise LaunchError(f"this entry point runs {entry_script}, not {script.name}")
+        return script.name, check_sd_scripts(Path(sd_scripts) if sd_scripts else script.parent, script.name), argv
+    if entry_script is None:
         raise LaunchError(
             "give the sd-scripts script first, e.g. `-m adt_plugin.kohya.launch /path/to/sd-scripts/train_network.py "
-            "--config_file my.toml`, or use adt_plugin.kohya.train_network / sdxl_train_network / sd3_train_network "
-            "with --sd_scripts PATH"
+            "--config_file my.toml`, or use adt_plugin.kohya.train_network / sdxl_train_network / sd3_train_network / "
+            "flux_train_network with --sd_scripts PATH"
         )
-    family = FAMILIES[family_name]
     root = sd_scripts or os.environ.get(ENV_SD_SCRIPTS)
     if not root:
-        if (Path.cwd() / family.script).is_file():
+        if (Path.cwd() / entry_script).is_file():
             root = str(Path.cwd())
         else:
             raise LaunchError(f"where is sd-scripts? pass --sd_scripts PATH or set ${ENV_SD_SCRIPTS}")
-    return family, check_sd_scripts(Path(root), family), argv
+    return entry_script, check_sd_scripts(Path(root), entry_script), argv
 
 
-def check_before_loading(script_args: Sequence[str], family: Family):
+def check_before_loading(script: str, script_args: Sequence[str]) -> tuple[KohyaModel, Any]:
     """Everything about ADT that can be checked before sd-scripts imports its modules and
-    loads the model: the `--adt_*` options and `adt_*` TOML keys (names, types, values),
-    and the models they name (the backbone, found or downloaded now; taps against its
-    depth). A problem is one line (exit code 1). Returns the settings."""
+    loads the model: the model family (FLUX.1-dev or schnell: read from the checkpoint's
+    keys), the `--adt_*` options and `adt_*` TOML keys (names, types, values; left out:
+    the family's), whether they fit the family (sampler, guidance), the sd-scripts options
+    ADT cannot run with, and the models the settings name (the backbone, found or
+    downloaded now; taps against its depth). A problem is one line (exit code 1).
+    Returns (the model, the settings)."""
+    from ..bridge import check_family_fits
     from ..settings import SettingsError
     from ..strategies import preflight
-    from .args import read_adt_options
+    from .args import read_adt_options, script_option
+    from .trainer import check_memory_options
 
     try:
-        settings = read_adt_options(script_args, family.defaults)
+        model = model_for_script(script, script_option(script_args, "--pretrained_model_name_or_path"))
+        settings = read_adt_options(script_args, model.defaults)
+        check_family_fits(settings, model.family, prefix="--adt_")
+        check_memory_options(lambda name: script_option(script_args, f"--{name}"), settings, model.family)
         for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix="--adt_"):
             print(f"ADT: {line}")
-    except (SettingsError, FileNotFoundError) as err:  # hub.ModelNotFound is a FileNotFoundError
+    except (SettingsError, FileNotFoundError, ValueError) as err:  # hub.ModelNotFound is a FileNotFoundError
         raise LaunchError(str(err)) from None
-    return settings
+    return model, settings
 
 
 def adt_requested(script_args: Sequence[str]) -> bool:
@@ -190,13 +199,13 @@ def adt_requested(script_args: Sequence[str]) -> bool:
     return any(key.startswith("adt_") for key in keys)
 
 
-def run_unchanged(argv: list[str], family_name: Optional[str]) -> int:
+def run_unchanged(argv: list[str], entry_script: Optional[str]) -> int:
     """The sd-scripts script as `accelerate launch <script> ...` would run it, without ADT."""
     if argv and argv[0].endswith(".py"):
         pop_option(argv, "--sd_scripts")  # ours, not the script's
     else:
-        fam, root, rest = resolve(argv, family_name)
-        argv = [str(root / fam.script), *rest]
+        script, root, rest = resolve(argv, entry_script)
+        argv = [str(root / script), *rest]
     script = Path(argv[0]).expanduser().resolve()
     if not script.is_file():
         raise LaunchError(f"{argv[0]}: no such sd-scripts script")
@@ -216,19 +225,21 @@ def build_parser(script_module) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, script: Optional[str] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     options, argv = split_accelerate_options(argv)
     apply_accelerate_options(options)
     if not adt_requested(argv):
-        return run_unchanged(argv, family)
-    fam, root, script_args = resolve(argv, family)
-    if not {"-h", "--help"} & set(script_args):  # help needs no settings and no backbone
-        check_before_loading(script_args, fam)
+        return run_unchanged(argv, script)
+    script, root, script_args = resolve(argv, script)
+    if {"-h", "--help"} & set(script_args):  # help needs no settings, no backbone, no checkpoint
+        model = KohyaModel(families_of_script(script)[0])
+    else:
+        model, _ = check_before_loading(script, script_args)
 
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    script_module = importlib.import_module(fam.module)
+    script_module = importlib.import_module(model.module)
     from library import train_util  # sd-scripts' own
 
     from ..checkpoint import CheckpointMismatch
@@ -236,9 +247,9 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     from .trainer import make_trainer_class
 
     parser = build_parser(script_module)
-    parser.prog = f"adt_plugin.kohya.launch {fam.script}"
+    parser.prog = f"adt_plugin.kohya.launch {model.script}"
     # as if sd-scripts' script had been run: read_config_from_file parses sys.argv again
-    sys.argv = [str(root / fam.script), *script_args]
+    sys.argv = [str(root / model.script), *script_args]
     args = parser.parse_args(script_args)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
@@ -246,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     # ADT skips the optimizer step on discriminator-only iterations by design; torch
     # would warn about the LR scheduler stepping without it on the first of them.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-    trainer_class = make_trainer_class(getattr(script_module, fam.trainer_class), fam)
+    trainer_class = make_trainer_class(getattr(script_module, model.trainer_class), model)
     try:
         trainer_class().train(args)
     except (SettingsError, CheckpointMismatch) as err:  # bad settings or files: one clear line, no traceback

@@ -7,4 +7,4 @@ import sys
 from .launch import main
 
 if __name__ == "__main__":
-    sys.exit(main(family="sd3"))
+    sys.exit(main(script="sd3_train_network.py"))

@@ -7,4 +7,4 @@ import sys
 from .launch import main
 
 if __name__ == "__main__":
-    sys.exit(main(family="sdxl"))
+    sys.exit(main(script="sdxl_train_network.py"))

@@ -7,4 +7,4 @@ import sys
 from .launch import main
 
 if __name__ == "__main__":
-    sys.exit(main(family="sd"))
+    sys.exit(main(script="train_network.py"))

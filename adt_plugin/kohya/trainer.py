@@ -1,5 +1,5 @@
 """ADT inside sd-scripts' own LoRA trainers: a mixin over NetworkTrainer,
-SdxlNetworkTrainer and Sd3NetworkTrainer.
+SdxlNetworkTrainer, Sd3NetworkTrainer and FluxNetworkTrainer.
 
 sd-scripts has no loss hook; the mixin overrides the trainer methods that
 `NetworkTrainer.train()` calls (mirrors sd-scripts main @ 48d368fa). Set-up, once:
@@ -37,16 +37,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner, start_line
 from ..checkpoint import CheckpointMismatch, disc_path_for
-from ..settings import AdtSettings
+from ..families import ModelFamily
+from ..settings import AdtSettings, SettingsError
 from ..strategies import build_strategy
 from .args import settings_from_args
-from .families import Family, KohyaContext
+from .families import KohyaContext, KohyaModel
 from .internals import prepared_optimizer, skipped_step_cleanup
 
 log = logging.getLogger("adt_plugin.kohya")
@@ -80,8 +81,11 @@ class AdtStep:
 class AdtRun:
     """What ADT keeps during one sd-scripts training run."""
 
-    family: Family
+    model: KohyaModel
     settings: AdtSettings
+    #: the model's family as this run trains it (the trainer's training-time guidance and
+    #: timestep draws: `KohyaModel.training`)
+    family: ModelFamily
     tokenize_strategy: Any = None
     text_encoding_strategy: Any = None
     empty_prompt: Optional[list] = None  # text conditioning of "", base text encoders
@@ -92,7 +96,8 @@ class AdtRun:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.settings.guidance_scale > 1.0
+        """Whether the rollout makes unconditional passes (the family's guidance mode decides)."""
+        return self.settings.strategy == "adt" and self.family.guidance.cfg_scale(self.settings.guidance_scale) is not None
 
     # -- checkpoints -------------------------------------------------------------------
     def save_beside(self, lora_file: str) -> None:
@@ -142,33 +147,30 @@ class AdtRun:
 
     def loss(self, ctx: KohyaContext, latents: torch.Tensor, text_conds: list, batch: Mapping[str, Any]) -> torch.Tensor:
         """The strategy on one batch, through sd-scripts' own model calls."""
-        family = self.family
+        model, family = self.model, self.family
         adapter = FunctionAdapter(
             self.scheduler_config,
-            lambda sample, t, c: family.denoise(ctx, sample, t, c),
+            lambda sample, t, c: model.denoise(ctx, sample, t, c, family),
             lambda c: self.uncond(ctx, c),
-            lambda z: family.decode(ctx, z),
+            lambda z: model.decode(ctx, z),
         )
-        cond = family.pack_cond(ctx, list(text_conds), batch)
+        cond = model.pack_cond(ctx, list(text_conds), batch)
         return self.runner(adapter, latents.float(), cond, closes_window=ctx.accelerator.sync_gradients)
 
     def uncond(self, ctx: KohyaContext, cond: Mapping[str, Any]) -> dict:
-        family = self.family
-        if family.live_uncond and ctx.train_text_encoder and ctx.text_encoders:
-            empty = family.encode_prompt(ctx, ctx.text_encoders, "")  # live (LoRA-trained) text encoders
+        """The family's unconditional batch: the text conditioning of the empty prompt, encoded
+        by sd-scripts' own strategies (with the live text encoders where they train and the
+        trainer keeps them at hand), every other key (SDXL's sizes) kept."""
+        model = self.model
+        if model.live_uncond and ctx.train_text_encoder and ctx.text_encoders:
+            empty = model.encode_prompt(ctx, ctx.text_encoders, "")  # live (LoRA-trained) text encoders
         elif self.empty_prompt is not None:
             empty = self.empty_prompt
         else:
             raise RuntimeError("ADT: no empty-prompt conditioning for classifier-free guidance (text encoders unavailable)")
-        packed = family.pack_cond(ctx, empty, {k: cond[k] for k in family.batch_keys})
-        batch_size = next(v for v in cond.values() if v is not None).shape[0]
-        out = dict(cond)
-        for key, value in packed.items():
-            if key in family.batch_keys or value is None:
-                continue
-            like = cond[key]
-            out[key] = value.to(device=like.device, dtype=like.dtype).expand(batch_size, *value.shape[1:])
-        return out
+        packed = model.pack_cond(ctx, empty, {k: cond[k] for k in model.batch_keys})
+        text = {k: v for k, v in packed.items() if k not in model.batch_keys and v is not None and cond.get(k) is not None}
+        return self.family.uncond(cond, text)
 
     def logs(self) -> dict[str, float]:
         return dict(self.runner.logs) if self.runner is not None else {}
@@ -177,7 +179,7 @@ class AdtRun:
 class AdtTrainerMixin:
     """Put before an sd-scripts trainer class: `class T(AdtTrainerMixin, NetworkTrainer)`."""
 
-    adt_family: Family
+    adt_model: KohyaModel
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -190,7 +192,8 @@ class AdtTrainerMixin:
         if self.adt is None:
             config_file = getattr(args, "config_file", None)
             source = f"{config_file}.toml / command line" if config_file else "command line"
-            self.adt = AdtRun(self.adt_family, settings_from_args(args, self.adt_family.defaults, source=source))
+            model = self.adt_model
+            self.adt = AdtRun(model, settings_from_args(args, model.defaults, source=source), model.training(args))
         return self.adt
 
     def get_tokenize_strategy(self, args):
@@ -200,7 +203,7 @@ class AdtTrainerMixin:
 
     def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
         super().assert_extra_args(args, train_dataset_group, val_dataset_group)
-        check_args(args, self._adt_run(args).settings)
+        check_args(args, self._adt_run(args).settings, self.adt_model)
 
     def get_text_encoding_strategy(self, args):
         strategy = super().get_text_encoding_strategy(args)
@@ -216,18 +219,18 @@ class AdtTrainerMixin:
         ctx = KohyaContext(self, args, accelerator, unet, weight_dtype, tokenize_strategy=adt.tokenize_strategy,
                            text_encoding_strategy=adt.text_encoding_strategy)
         with torch.no_grad(), _on_device(text_encoders, accelerator.device):
-            conds = self.adt_family.encode_prompt(ctx, text_encoders, "")
+            conds = adt.model.encode_prompt(ctx, text_encoders, "")
         adt.empty_prompt = [None if c is None else c.detach() for c in conds]
 
     def post_process_network(self, args, accelerator, network, text_encoders, unet):
         """The strategy, and its checkpoints beside sd-scripts' own."""
         super().post_process_network(args, accelerator, network, text_encoders, unet)
         adt = self._adt_run(args)
-        adt.scheduler_config = self.adt_family.scheduler_config(self, args)
+        adt.scheduler_config = adt.model.scheduler_config(self, args)
         strategy = build_strategy(adt.settings, adt.scheduler_config, device=accelerator.device,
-                                  micro_batches=args.gradient_accumulation_steps)
+                                  micro_batches=args.gradient_accumulation_steps, family=adt.family)
         adt.runner = StrategyRunner(strategy)
-        accelerator.print(start_line(adt.settings, self.adt_family.label))
+        accelerator.print(start_line(adt.settings, adt.model.label, adt.family))
         if not adt.runner.has_discriminator:
             return
         save_weights = network.save_weights
@@ -304,19 +307,50 @@ class AdtTrainerMixin:
                 self.adt.sweep()
 
 
-def check_args(args, settings: AdtSettings) -> None:
+def check_memory_options(option: Callable[[str], Any], settings: AdtSettings, family: Optional[ModelFamily] = None) -> None:
+    """Refuse, with what to do instead, the sd-scripts options ADT cannot run with.
+    `option(name)`: the value of sd-scripts' `--name` (None: not given). Called by the
+    launcher before sd-scripts loads anything (reading the command line and the TOML) and
+    again in `assert_extra_args` on sd-scripts' parsed arguments.
+
+    Compatible, and left as they are: --gradient_checkpointing (each block's forward is
+    recomputed in backward, for every denoiser call of the rollout alike),
+    --cpu_offload_checkpointing (the checkpointed activations wait on the CPU: more
+    calls, more of them), --fp8_base / --fp8_base_unet (the frozen base is cast per layer
+    under autocast in every call). Not compatible: block swapping, see below."""
+    if str(option("model_type") or "flux") != "flux":
+        raise SettingsError(
+            f"ADT: --model_type {option('model_type')} is not supported: ADT has no model family for Chroma (it guides "
+            "with CFG against a negative prompt, has no CLIP-L and modulates through its own approximator); train it "
+            "without --adt_* options, or train FLUX.1 dev / schnell (--model_type flux)"
+        )
+    if settings.strategy == "ft":
+        return
+    if option("deepspeed"):
+        raise SettingsError("ADT: --deepspeed is not supported (DeepSpeed steps the optimizer inside backward, "
+                            "so discriminator-only iterations could not be kept from moving the LoRA); remove --deepspeed")
+    swap = option("blocks_to_swap")
+    if int(swap or 0) > 0 or (option("split_mode") and swap is None):
+        given = f"--blocks_to_swap {swap}" if swap else "--split_mode (it sets --blocks_to_swap 18)"
+        raise SettingsError(
+            f"ADT: {given} is not supported with --adt_strategy {settings.strategy}: sd-scripts' block swapper moves "
+            "blocks between CPU and GPU in the order of one forward and its one backward, but ADT's generator step "
+            "back-propagates through several forwards of the model at once (the rollout's graph steps and the "
+            "diffusion term), so blocks would be on the CPU when their backward runs. Remove it; to save memory use "
+            "--gradient_checkpointing (with --cpu_offload_checkpointing), --fp8_base, fewer --adt_k_graph_steps or "
+            "--adt_gradient_checkpointing"
+        )
+
+
+def check_args(args, settings: AdtSettings, model: Optional[KohyaModel] = None) -> None:
     """Refuse what cannot work with the strategy; name each sd-scripts loss option it ignores."""
-    if settings.strategy != "ft":
-        if getattr(args, "deepspeed", False):
-            raise ValueError("ADT: --deepspeed is not supported (DeepSpeed steps the optimizer inside backward, "
-                             "so discriminator-only iterations could not be kept from moving the LoRA); remove --deepspeed")
-        if (getattr(args, "blocks_to_swap", None) or 0) > 0:
-            raise ValueError("ADT: --blocks_to_swap is not supported (the rollout calls the model several times "
-                             "per backward); remove --blocks_to_swap or use --adt_gradient_checkpointing")
+    check_memory_options(lambda name: getattr(args, name, None), settings, model.family if model else None)
     ignored = [f"{name}={getattr(args, name)}" for name, off in LOSS_OPTIONS
                if getattr(args, name, off) not in (off, 0, 0.0, False, None)]
     if getattr(args, "loss_type", "l2") not in ("l2", None):
         ignored.append(f"loss_type={args.loss_type}")
+    if model is not None:
+        ignored += model.calls.ignored_options(args)
     if ignored:
         log.warning("ADT: these sd-scripts options shape sd-scripts' own loss; ADT's strategy %s draws its own "
                     "timesteps and noise and ignores them: %s", settings.strategy, ", ".join(ignored))
@@ -347,8 +381,8 @@ def _device_of(module) -> Optional[torch.device]:
         return None
 
 
-def make_trainer_class(base: type, family: Family) -> type:
-    return type(f"Adt{base.__name__}", (AdtTrainerMixin, base), {"adt_family": family})
+def make_trainer_class(base: type, model: KohyaModel) -> type:
+    return type(f"Adt{base.__name__}", (AdtTrainerMixin, base), {"adt_model": model})
 
 
-__all__ = ["AdtRun", "AdtStep", "AdtTrainerMixin", "STATE_FILE", "check_args", "make_trainer_class"]
+__all__ = ["AdtRun", "AdtStep", "AdtTrainerMixin", "STATE_FILE", "check_args", "check_memory_options", "make_trainer_class"]

@@ -13,6 +13,14 @@ needs, and both name the file they came from where that is known (see
 unknown sampler) are checked with everything else in `setup.check_before_loading`,
 because a preset and a config file are applied one after the other and only the
 result has to be consistent.
+
+Per model family: the keys a preset, a config file or a `--config-value` states are
+recorded on the section (`STATED`); every other key the model family's presets state
+(sampler, steps, guidance, discriminator learning rate: `families/<family>.toml`)
+takes the family's value for the config's model type (`apply_family_defaults`: after
+every TrainConfig.from_dict, at start, and in the GUI when the model type changes).
+So turning ADT on for a FLUX.1 config trains FLUX.1's flow Euler x 28 at guidance 3.5,
+not the core's SD1.5 values.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from ..settings import AdtSettings, SettingsError, coerce_fields
 
 SECTION = "adt"
 ENABLED = "enabled"
+#: the section's attribute holding the keys a loaded preset / config / --config-value stated
+STATED = "_adt_stated"
 
 #: where the section being read comes from, when a caller knows (the GUI's preset loader)
 _loading_from: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("adt_loading_from", default=None)
@@ -163,12 +173,48 @@ def make_section_class(base_config: type) -> type:
     def from_dict(self, data, migrate=True):
         # raises before anything is set: a half-applied section is never left behind
         checked = check_section_data(data)
+        stated(self).update(key for key in checked if key != ENABLED)
         return base_config.from_dict(self, checked, migrate=migrate)
 
     section_class = type(
         "AdtConfig", (base_config,), {"default_values": staticmethod(default_values), "from_dict": from_dict}
     )
     return section_class
+
+
+def stated(section: Any) -> set[str]:
+    """The keys of `section` that a loaded preset, config or --config-value stated (or the GUI's user typed)."""
+    if not isinstance(getattr(section, STATED, None), set):
+        object.__setattr__(section, STATED, set())
+    return getattr(section, STATED)
+
+
+def family_defaults(model_type: Any, config: Any = None) -> dict[str, Any]:
+    """The ADT settings the model family of a OneTrainer model type states ({} for a model
+    type ADT does not train); where a model type holds several families (FLUX_DEV_1: dev
+    and schnell), the one the config's local base model is."""
+    from ..presets import defaults_for
+    from .families import family_of
+
+    model = family_of(model_type)
+    if model is None:
+        return {}
+    values = defaults_for(model.family_for_config(config)) if config is not None else {}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in (values or model.defaults()).items()}
+
+
+def apply_family_defaults(config: Any) -> dict[str, Any]:
+    """Give the section's unstated keys the family's values for `config.model_type`; returns
+    what it set."""
+    section = getattr(config, SECTION, None)
+    if section is None:
+        return {}
+    changed = {}
+    for key, value in family_defaults(getattr(config, "model_type", None), config).items():
+        if key not in stated(section) and getattr(section, key, value) != value:
+            setattr(section, key, value)
+            changed[key] = value
+    return changed
 
 
 def add_section(config: Any, section_class: type) -> Any:
@@ -191,6 +237,6 @@ def check_train_config_data(data: Any) -> None:
 
 
 __all__ = [
-    "ENABLED", "SECTION", "add_section", "check_section_data", "check_train_config_data", "loading_from",
+    "ENABLED", "SECTION", "STATED", "add_section", "apply_family_defaults", "family_defaults", "stated", "check_section_data", "check_train_config_data", "loading_from",
     "make_section_class", "section_fields", "settings_from_section", "source_of", "value_from_text",
 ]

@@ -47,10 +47,11 @@ def replace_registered(factory: Any, base_cls: type, wrap: Callable[[Any, Any, t
     return changed
 
 
-def patch_train_config(train_config_class: type, section_class: type, add_section: Callable, check_data: Callable) -> None:
+def patch_train_config(train_config_class: type, section_class: type, add_section: Callable, check_data: Callable,
+                       after_load: Callable[[Any], Any] = lambda config: None) -> None:
     """Every `TrainConfig.default_values()` carries the section; `TrainConfig.from_dict`
     checks the section's data first (BaseConfig.from_dict would print and swallow an error
-    raised inside the section). Idempotent."""
+    raised inside the section) and calls `after_load(config)` when done. Idempotent."""
     if getattr(train_config_class, "_adt_section_class", None) is not None:
         return
     default_values = train_config_class.default_values
@@ -62,7 +63,9 @@ def patch_train_config(train_config_class: type, section_class: type, add_sectio
     @functools.wraps(from_dict)
     def checked_from_dict(self, data, *args, **kwargs):
         check_data(data)
-        return from_dict(self, data, *args, **kwargs)
+        result = from_dict(self, data, *args, **kwargs)
+        after_load(self)
+        return result
 
     train_config_class.default_values = staticmethod(default_values_with_section)
     train_config_class.from_dict = checked_from_dict

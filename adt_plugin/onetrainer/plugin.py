@@ -7,7 +7,7 @@ scripts/train.py or the UI. The shim calls `install()`, which (through
 
   * gives TrainConfig an `adt` section (config.py) that survives load / save / presets,
     whose unknown keys and wrongly typed values are errors;
-  * replaces the registered SD1.x/2.x, SDXL and SD3 LoRA and fine-tune model setups
+  * replaces the registered SD1.x/2.x, SDXL, SD3, FLUX.1 and Z-Image LoRA and fine-tune model setups
     with ADT subclasses (setup.py), which act only when `adt.enabled` is true;
   * replaces their model savers with subclasses that write the discriminator into
     backups and beside saved models;
@@ -52,11 +52,12 @@ def install() -> None:
     from modules.util.config.TrainConfig import TrainConfig
 
     from . import internals
-    from .config import add_section, check_train_config_data, make_section_class
+    from .config import add_section, apply_family_defaults, check_train_config_data, make_section_class
 
     _import_registered_modules()
     if getattr(TrainConfig, "_adt_section_class", None) is None:
-        internals.patch_train_config(TrainConfig, make_section_class(BaseConfig), add_section, check_train_config_data)
+        internals.patch_train_config(TrainConfig, make_section_class(BaseConfig), add_section, check_train_config_data,
+                                     apply_family_defaults)
     internals.replace_registered(factory, BaseModelSetup, wrapper_for(wrap_setup_class))
     internals.replace_registered(factory, BaseModelSaver, wrapper_for(lambda cls, family: wrap_saver_class(cls)))
     internals.check_at_start(BaseTrainer, check_before_loading)

@@ -1,4 +1,4 @@
-"""ADT inside OneTrainer's model setups (SD1.x/2.x, SDXL, SD3; LoRA and fine-tune).
+"""ADT inside OneTrainer's model setups (SD1.x/2.x, SDXL, SD3, FLUX.1, Z-Image; LoRA and fine-tune).
 
 `wrap_setup_class` subclasses a registered setup (mirrors OneTrainer master @
 23df3832, modules/modelSetup/BaseModelSetup.py and BaseStableDiffusion*Setup.py):
@@ -32,12 +32,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner, start_line
+from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner, check_family_fits, start_line
 from ..checkpoint import disc_path_for
 from ..decode import LatentDecoder
 from ..settings import AdtSettings, SettingsError
 from ..strategies import build_strategy, preflight
-from .config import SECTION, settings_from_section
+from .config import SECTION, apply_family_defaults, settings_from_section
 from .families import FAMILIES, TRAINING_METHODS, Family, capture_denoiser_call, family_of, output_tensor
 
 log = logging.getLogger("adt_plugin.onetrainer")
@@ -110,7 +110,12 @@ def checked_settings(config: Any) -> Optional[AdtSettings]:
             f"{getattr(model_type, 'name', model_type)} {getattr(method, 'name', method)} in OneTrainer "
             f"(it trains {supported}, LoRA or fine-tune); turn ADT off (adt.enabled = false) or pick one of those"
         )
+    changed = apply_family_defaults(config)
+    if changed:
+        log.info("ADT: %s's defaults for the adt keys no preset or config stated: %s", family_of(model_type).label,
+                 ", ".join(f"{k}={v}" for k, v in changed.items()))
     settings = settings_from_section(getattr(config, SECTION))
+    check_family_fits(settings, family_of(model_type).family_for_config(config), prefix=f"{SECTION}.")
     if getattr(config, "masked_training", False):
         raise SettingsError("ADT: masked training is not supported (ADT's loss is on whole decoded images); "
                             "turn off 'Masked Training' or disable ADT (adt.enabled = false)")
@@ -133,7 +138,9 @@ class AdtSetupMixin:
         super().setup_train_device(model, config)
         if not adt_enabled(config):
             return
-        if self._adt_empty is None and settings_from_section(getattr(config, SECTION)).guidance_scale > 1.0:
+        settings = settings_from_section(getattr(config, SECTION))
+        family = self.adt_family.loaded_family(model)
+        if self._adt_empty is None and settings.strategy == "adt" and family.guidance.cfg_scale(settings.guidance_scale):
             model.materialize(*model.model_type.text_encoder_parts())
             with torch.no_grad(), model.autocast_context:
                 self._adt_empty = {k: v.detach() for k, v in self.adt_family.empty_prompt(model, config).items()}
@@ -146,14 +153,19 @@ class AdtSetupMixin:
         if not adt_enabled(config):
             return
         settings = checked_settings(config)  # again: a setup can also be used without GenericTrainer.start()
+        # the loaded model's family (FLUX.1-dev or schnell: the transformer's guidance embedding), as this
+        # run trains it (FLUX: OneTrainer's transformer guidance_scale in the training-time calls)
+        loaded = self.adt_family.loaded_family(model)
+        check_family_fits(settings, loaded, prefix=f"{SECTION}.")
+        self._adt_run_family = self.adt_family.calls.training(loaded, config)
         self._adt_scheduler_config = self.adt_family.scheduler_config(model, config)
         strategy = build_strategy(settings, self._adt_scheduler_config, device=self.train_device,
-                                  micro_batches=config.gradient_accumulation_steps)
+                                  micro_batches=config.gradient_accumulation_steps, family=self._adt_run_family)
         self.adt_runner = StrategyRunner(strategy)
         self._adt_decoder = LatentDecoder(model.vae)
         model.adt_runner = self.adt_runner  # the wrapped savers find it here
         self.adt_gate = GeneratorStepGate(model.optimizer, self.adt_runner)
-        print(start_line(settings, self.adt_family.label))
+        print(start_line(settings, loaded.label, loaded))
         if self.adt_runner.has_discriminator:
             self._adt_restore(config)
 
@@ -181,15 +193,14 @@ class AdtSetupMixin:
             return parent_predict(model, batch, config, train_progress, deterministic=deterministic)
         if any(str(t) == "PRIOR_PREDICTION" for t in batch.get("concept_type", [])):
             raise ValueError("ADT: prior-prediction concepts are not supported; remove them or disable ADT")
-        family = self.adt_family
-        denoiser = getattr(model, family.denoiser)
+        ot_model, family = self.adt_family, self._adt_run_family
+        denoiser = getattr(model, ot_model.denoiser)
         call = capture_denoiser_call(
             denoiser, lambda: parent_predict(model, batch, config, train_progress, deterministic=deterministic)
         )
 
         def denoise(sample, timestep, cond):
-            with model.autocast_context:
-                return output_tensor(denoiser(**call.kwargs(sample, timestep, cond))).float()
+            return ot_model.calls.denoise(model, denoiser, family, call, sample, timestep, cond)
 
         def decode(latents):
             # as OneTrainer's samplers decode (SDXL keeps fp16 autocast off for its VAE)
@@ -199,7 +210,8 @@ class AdtSetupMixin:
         adapter = FunctionAdapter(self._adt_scheduler_config, denoise, lambda c: self._adt_uncond(model, config, c), decode)
         params = [p for group in model.optimizer.param_groups for p in group["params"]]
         closes = (train_progress.global_step + 1) % max(1, config.gradient_accumulation_steps) == 0
-        loss = self.adt_runner(adapter, family.clean_latents(model, batch), call.cond, zero_grad_params=params,
+        loss = self.adt_runner(adapter, ot_model.clean_latents(model, batch), ot_model.calls.cond(call, family),
+                               zero_grad_params=params,
                                closes_window=closes)
         return {"adt_loss": loss, "loss_type": "adt"}
 
@@ -210,12 +222,7 @@ class AdtSetupMixin:
         empty = self.adt_family.empty_prompt(model, config) if live else self._adt_empty
         if empty is None:
             raise RuntimeError("ADT: no empty-prompt conditioning for classifier-free guidance")
-        batch = next(v for v in cond.values() if v is not None).shape[0]
-        out = dict(cond)
-        for key, value in empty.items():
-            like = cond[key]
-            out[key] = value.to(device=like.device, dtype=like.dtype).expand(batch, *value.shape[1:])
-        return out
+        return self._adt_run_family.uncond(cond, empty)
 
     def calculate_loss(self, model, batch, data, config):
         if "adt_loss" in data:

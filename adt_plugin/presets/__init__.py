@@ -56,4 +56,15 @@ def family_adt_defaults(family: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-__all__ = ["FAMILY_FOLDER", "family_adt_defaults", "family_file", "folder", "read_toml"]
+def defaults_for(family: Any) -> dict[str, Any]:
+    """The ADT settings a trainer plugin fills in for a model family (a `ModelFamily`) when
+    the user leaves them out: its families/<name>.toml [adt] table, else that of the family
+    whose weights it shares (`variant_of`: SD2 -> SD1), else the family module's deployed
+    sampler (`ModelFamily.preset`)."""
+    for name in (family.name, family.variant_of):
+        if name and (folder() / FAMILY_FOLDER / f"{name}.toml").is_file():
+            return family_adt_defaults(name)
+    return dict(family.preset)
+
+
+__all__ = ["FAMILY_FOLDER", "defaults_for", "family_adt_defaults", "family_file", "folder", "read_toml"]

@@ -8,7 +8,9 @@ settings are written down; each GUI preset below is one of them, merged and vali
 by `adt train`'s own config code, then spelled in that tool's field names. What the
 TOML does not say (the tool's model type, weight dtypes, base model name, and the
 host's own loss options, which ADT replaces and so are set to their neutral values)
-is written here, per tool and family. Needs neither tool installed.
+is written here, per tool and trainer (keyed by the trainer's own names: sd-scripts'
+script, OneTrainer's setup; the model type and base model come from the family
+module). Needs neither tool installed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..families import get_family
 from . import folder
 
 
@@ -34,9 +37,14 @@ TARGETS = (
     Target("kohya_gui", "sd15-ddim50-lora-adt", "kohya_gui/ADT - SD15 LoRA (DDIM 50).json"),
     Target("kohya_gui", "sdxl-ddim50-lora-adt", "kohya_gui/ADT - SDXL LoRA (DDIM 50).json"),
     Target("kohya_gui", "sd3-flow28-lora-adt", "kohya_gui/ADT - SD3 LoRA (flow Euler 28).json"),
+    Target("kohya_gui", "flux-dev-flow28-lora-adt", "kohya_gui/ADT - FLUX.1-dev LoRA (flow Euler 28).json"),
+    Target("kohya_gui", "flux-schnell-flow4-lora-adt", "kohya_gui/ADT - FLUX.1-schnell LoRA (flow Euler 4).json"),
     Target("onetrainer", "sd15-ddim50-lora-adt", "onetrainer/SD1.5/#sd 1.5 LoRA ADT.json"),
     Target("onetrainer", "sdxl-ddim50-lora-adt", "onetrainer/SDXL/#sdxl 1.0 LoRA ADT.json"),
     Target("onetrainer", "sd3-flow28-lora-adt", "onetrainer/SD3/#sd 3 LoRA ADT.json"),
+    Target("onetrainer", "flux-dev-flow28-lora-adt", "onetrainer/Flux Dev.1/#flux dev LoRA ADT.json"),
+    Target("onetrainer", "flux-schnell-flow4-lora-adt", "onetrainer/Flux Dev.1/#flux schnell LoRA ADT.json"),
+    Target("onetrainer", "zimage-turbo-flow9-lora-adt", "onetrainer/Z-Image/#z-image turbo LoRA ADT.json"),
 )
 
 
@@ -57,11 +65,26 @@ def adt_values(stated: Mapping[str, Any], config: Any) -> dict[str, Any]:
     return {key: full[key] for key in full if key in stated}
 
 
-# -- kohya_ss GUI (kohya_gui/lora_gui.py @ 45088f04: the JSON keys are its parameter names) -------
-KOHYA_FAMILY = {
-    "sd1": {"sdxl": False, "sd3_checkbox": False, "v2": False},
-    "sdxl": {"sdxl": True, "sd3_checkbox": False, "v2": False, "sdxl_no_half_vae": True},
-    "sd3": {"sdxl": False, "sd3_checkbox": True, "v2": False},
+# -- kohya_ss GUI (kohya_gui/lora_gui.py, class_flux1.py @ 45088f04: the JSON keys are its parameter names) ----
+#: the GUI's SDXL checkbox parameter (lora_gui.py's `sdxl`): a GUI field name, spelled like the family
+SDXL_CHECKBOX = "sdxl"
+#: per sd-scripts script (the family's `kohya_script`): the GUI's model checkboxes and that trainer's own options
+KOHYA_SCRIPT = {
+    "train_network.py": {SDXL_CHECKBOX: False, "sd3_checkbox": False, "v2": False},
+    "sdxl_train_network.py": {SDXL_CHECKBOX: True, "sd3_checkbox": False, "v2": False, "sdxl_no_half_vae": True},
+    "sd3_train_network.py": {SDXL_CHECKBOX: False, "sd3_checkbox": True, "v2": False},
+    # sd-scripts' recommended FLUX.1 settings (docs/flux_train_network.md @ 48d368fa: shift 3.1582, raw prediction,
+    # training guidance 1.0): ADT's diffusion term follows --timestep_sampling and --guidance_scale; the
+    # rollout keeps FLUX.1's inference schedule and the preset's guidance. Text-encoder outputs cached, the
+    # LoRA on the transformer only; set the AE, CLIP-L and T5-XXL files in the GUI's FLUX.1 section.
+    "flux_train_network.py": {
+        SDXL_CHECKBOX: False, "sd3_checkbox": False, "v2": False, "flux1_checkbox": True, "LoRA_type": "Flux1",
+        "ae": "", "clip_l": "", "t5xxl": "", "guidance_scale": 1.0, "timestep_sampling": "shift",
+        "discrete_flow_shift": 3.1582, "model_prediction_type": "raw", "apply_t5_attn_mask": False,
+        "blocks_to_swap": 0, "split_mode": False, "cpu_offload_checkpointing": False,
+        "flux1_cache_text_encoder_outputs": True, "flux1_cache_text_encoder_outputs_to_disk": True,
+        "network_train_unet_only": True,
+    },
 }
 # Other model families' checkboxes, off; the host's loss options, neutral (ADT's loss replaces them).
 KOHYA_FIXED = {
@@ -101,8 +124,11 @@ def kohya_gui(preset: str) -> dict[str, Any]:
     train, data, lora, save = config.train, config.data, config.lora, config.save
     if train.method != "lora":
         raise ValueError(f"preset {preset}: the kohya GUI presets are LoRA presets (train.method = 'lora')")
+    family = get_family(config.model.family)
     out: dict[str, Any] = dict(KOHYA_FIXED)
-    out.update(KOHYA_FAMILY[config.model.family])
+    out.update(KOHYA_SCRIPT[family.kohya_script])
+    if family.kohya_script == "flux_train_network.py":
+        out["fp8_base"] = config.model.base_dtype == "fp8"  # the frozen transformer in float8 (sd-scripts --fp8_base)
     out.update(
         {
             "additional_parameters": " ".join(kohya_option(k, v) for k, v in adt_values(stated, config).items()),
@@ -134,10 +160,9 @@ def kohya_gui(preset: str) -> dict[str, Any]:
 
 
 # -- OneTrainer (modules/util/config/TrainConfig.py @ 23df3832: field names and enums) --------------
-ONETRAINER_FAMILY: dict[str, dict[str, Any]] = {
-    "sd1": {
-        "model_type": "STABLE_DIFFUSION_15",
-        "base_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+#: per OneTrainer setup (the family's `onetrainer_setup`); the model type and base model come from the family
+ONETRAINER_SETUP: dict[str, dict[str, Any]] = {
+    "StableDiffusion": {
         "output_model_format": "KOHYA_LORA",
         "layer_filter": "attentions",
         "layer_filter_preset": "attn-mlp",
@@ -145,9 +170,7 @@ ONETRAINER_FAMILY: dict[str, dict[str, Any]] = {
         "unet": {"weight_dtype": "FLOAT_16"},
         "vae": {"weight_dtype": "FLOAT_32"},
     },
-    "sdxl": {
-        "model_type": "STABLE_DIFFUSION_XL_10_BASE",
-        "base_model_name": "stabilityai/stable-diffusion-xl-base-1.0",
+    "StableDiffusionXL": {
         "output_model_format": "KOHYA_LORA",
         "layer_filter": "attentions",
         "layer_filter_preset": "attn-mlp",
@@ -157,15 +180,38 @@ ONETRAINER_FAMILY: dict[str, dict[str, Any]] = {
         "unet": {"weight_dtype": "BFLOAT_16"},
         "vae": {"weight_dtype": "FLOAT_32"},
     },
-    "sd3": {
-        "model_type": "STABLE_DIFFUSION_3",
-        "base_model_name": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "StableDiffusion3": {
         "output_model_format": "DIFFUSERS_LORA",
         "layer_filter": "",
         "layer_filter_preset": "full",
         "text_encoder": {"weight_dtype": "BFLOAT_16", "train": False},
         "text_encoder_2": {"weight_dtype": "BFLOAT_16", "train": False},
         "text_encoder_3": {"weight_dtype": "BFLOAT_16", "train": False},
+        "train_dtype": "BFLOAT_16",
+        "transformer": {"train": True, "weight_dtype": "BFLOAT_16"},
+        "vae": {"weight_dtype": "FLOAT_32"},
+    },
+    # OneTrainer's own FLUX LoRA preset (training_presets/Flux Dev.1/#flux LoRA.json) with the ComfyUI layout;
+    # dev and schnell are one model type there (the transformer's guidance embedding decides). Its training
+    # guidance (transformer.guidance_scale, OneTrainer's default 1.0) is what ADT's diffusion term feeds dev.
+    "Flux": {
+        "output_model_format": "COMFY_LORA",
+        "layer_filter": "",
+        "layer_filter_preset": "full",
+        "text_encoder": {"weight_dtype": "BFLOAT_16", "train": False},
+        "text_encoder_2": {"weight_dtype": "BFLOAT_16", "train": False},
+        "train_dtype": "BFLOAT_16",
+        "transformer": {"train": True, "weight_dtype": "BFLOAT_16", "guidance_scale": 1.0},
+        "vae": {"weight_dtype": "FLOAT_32"},
+    },
+    # OneTrainer's own Z-Image LoRA presets (training_presets/Z-Image): attention and feed-forward of the main
+    # layers, diffusers' layout (what ZImagePipeline loads)
+    "ZImage": {
+        "output_model_format": "DIFFUSERS_LORA",
+        "layer_filter": "^(?=.*attention)(?!.*refiner).*,^(?=.*feed_forward)(?!.*refiner).*",
+        "layer_filter_preset": "attn-mlp",
+        "layer_filter_regex": True,
+        "text_encoder": {"weight_dtype": "BFLOAT_16", "train": False},
         "train_dtype": "BFLOAT_16",
         "transformer": {"train": True, "weight_dtype": "BFLOAT_16"},
         "vae": {"weight_dtype": "FLOAT_32"},
@@ -178,7 +224,11 @@ def onetrainer(preset: str) -> dict[str, Any]:
     train, data, lora = config.train, config.data, config.lora
     if train.method != "lora":
         raise ValueError(f"preset {preset}: the OneTrainer presets are LoRA presets (train.method = 'lora')")
-    out: dict[str, Any] = dict(ONETRAINER_FAMILY[config.model.family])
+    family = get_family(config.model.family)
+    out: dict[str, Any] = json.loads(json.dumps(ONETRAINER_SETUP[family.onetrainer_setup]))  # a deep copy
+    out.update(model_type=family.onetrainer_model_types[0], base_model_name=family.released_repo)
+    if config.model.base_dtype == "fp8":  # the frozen transformer in float8, as `adt train`'s base_dtype = "fp8"
+        out["transformer"]["weight_dtype"] = "FLOAT_8"
     out.update(
         {
             "adt": {"enabled": True, **adt_values(stated, config)},

@@ -147,7 +147,7 @@ def test_a_stock_preset_after_an_adt_preset_trains_plain_sd_scripts(world, tmp_p
 
     rc, log = launch(python, adt["command"], checkout)
     assert rc == 0, log[-3000:]
-    assert "ADT: strategy adt, SD 1.x / 2.x" in log and (tmp_path / "adt" / "tiny.adt_disc.safetensors").exists()
+    assert "ADT: strategy adt, Stable Diffusion 1.x" in log and (tmp_path / "adt" / "tiny.adt_disc.safetensors").exists()
 
     rc, log = launch(python, plain["command"], checkout)
     assert rc == 0, log[-3000:]

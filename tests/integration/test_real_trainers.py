@@ -105,7 +105,7 @@ class TestSdScripts:
         rc, log = self.train(world, out, "--max_train_steps", "4", "--save_every_n_steps", "1", "--save_last_n_steps", "2",
                              "--save_state", "--logging_dir", tmp_path / "logs")
         assert rc == 0, log[-3000:]
-        assert "ADT: strategy adt, SD 1.x / 2.x" in log
+        assert "ADT: strategy adt, Stable Diffusion 1.x" in log
         names = sorted(p.name for p in out.glob("*.safetensors"))
         # --save_last_n_steps 2 keeps steps 2..4; the discriminator files went with the pruned LoRAs
         assert names == ["tiny-step00000002.adt_disc.safetensors", "tiny-step00000002.safetensors",
@@ -217,6 +217,71 @@ class TestSdScripts:
         assert "load Diffusers pretrained models" not in log, log[-3000:]
 
 
+    @pytest.fixture(scope="class")
+    def flux_world(self, world, tmp_path_factory):
+        root, python = world
+        folder = tmp_path_factory.mktemp("flux")
+        for variant in ("dev", "schnell"):
+            rc, out = run([python, HERE / "flux_sd_scripts.py", "build", SD_SCRIPTS, folder, variant])
+            assert rc == 0, out[-3000:]
+        return folder
+
+    def flux_train(self, world, flux_world, out, variant, *extra, precision="no"):
+        root, python = world
+        f = flux_world
+        cmd = [python, HERE / "flux_sd_scripts.py", "run", SD_SCRIPTS, f, "--",
+               Path(SD_SCRIPTS) / "flux_train_network.py", "--pretrained_model_name_or_path", f / f"flux1-{variant}.safetensors",
+               "--clip_l", f / "clip_l.safetensors", "--t5xxl", f / "t5xxl.safetensors", "--ae", f / "ae.safetensors",
+               "--tokenizer_cache_dir", f / "tok", "--t5xxl_max_token_length", "16", "--train_data_dir", root / "data",
+               "--output_dir", out, "--output_name", "tiny", "--resolution", "64", "--network_module", "networks.lora_flux",
+               "--network_dim", "4", "--network_train_unet_only", "--learning_rate", "1e-3", "--optimizer_type", "AdamW",
+               "--sdpa", "--seed", "1", "--cache_latents", "--cache_text_encoder_outputs", "--max_data_loader_n_workers", "0",
+               "--save_every_n_steps", "1", "--mixed_precision", precision, "--guidance_scale", "1.0",
+               "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
+               "--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
+               "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8", *extra]
+        return run(cmd, HF_HUB_OFFLINE="1")
+
+    def test_flux_dev_trains_in_sd_scripts_own_flux_trainer(self, world, flux_world, tmp_path):
+        """flux_train_network.py itself (FluxNetworkTrainer, networks.lora_flux, caching, saving) on a tiny
+        FLUX.1-dev; only the sizes sd-scripts hard-codes are made small (see flux_sd_scripts.py)."""
+        root, python = world
+        out = tmp_path / "out"
+        rc, log = self.flux_train(world, flux_world, out, "dev", "--max_train_steps", "4", "--logging_dir", tmp_path / "logs")
+        assert rc == 0, log[-3000:]
+        assert f"adt_plugin from {REPO / 'adt_plugin'}" in log  # this checkout, not an installed copy
+        assert ("ADT: strategy adt, FLUX.1-dev: rollout flow_euler x 3 steps (graph through 1), embedded guidance 3.5,"
+                in log), log[-3000:]
+        steps = [digests(python, out / f"tiny-step0000000{i}.safetensors") for i in range(1, 5)]
+        assert all(nonzero == 0 for k, (nonzero, _) in steps[0].items() if "lora_up" in k)  # iteration 1: D only
+        assert all(steps[0][k] != steps[1][k] for k in steps[0] if "lora_up" in k)  # 2: every LoRA module moves
+        assert steps[1] == steps[2] and steps[2] != steps[3]  # 3: D only; 4: generator
+        assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in steps[0])  # sd-scripts' own layout
+        assert (out / "tiny.adt_disc.safetensors").exists() and (out / "tiny-step00000004.adt_disc.safetensors").exists()
+        tags = scalars(python, tmp_path / "logs")
+        assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
+
+    def test_flux_schnell_and_the_memory_options(self, world, flux_world, tmp_path):
+        """schnell takes its family's defaults (no guidance); --fp8_base with bf16 and --gradient_checkpointing
+        train; block swap and Chroma stop before sd-scripts loads anything."""
+        root, python = world
+        rc, log = self.flux_train(world, flux_world, tmp_path / "schnell", "schnell", "--max_train_steps", "2",
+                                  "--adt_num_inference_steps", "4")
+        assert rc == 0, log[-3000:]
+        assert "ADT: strategy adt, FLUX.1-schnell: rollout flow_euler x 4 steps (graph through 1), no guidance," in log
+        rc, log = self.flux_train(world, flux_world, tmp_path / "fp8", "dev", "--max_train_steps", "2", "--fp8_base",
+                                  "--gradient_checkpointing", precision="bf16")
+        assert rc == 0, log[-3000:]
+        assert "Cast FLUX model to fp8" in log
+        step2 = digests(python, tmp_path / "fp8" / "tiny-step00000002.safetensors")
+        assert all(nonzero > 0 for k, (nonzero, _) in step2.items() if "lora_up" in k)
+        for extra, message in ((["--blocks_to_swap", "4"], "--blocks_to_swap 4 is not supported with --adt_strategy adt"),
+                               (["--model_type", "chroma"], "--model_type chroma is not supported")):
+            rc, log = self.flux_train(world, flux_world, tmp_path / "x", "dev", "--max_train_steps", "1", *extra)
+            assert rc != 0 and f"adt_plugin.kohya: ADT: {message}" in log, log[-3000:]
+            assert "Building Flux model" not in log
+
+
 SD3_CHECK = """
 import contextlib, json, sys
 from argparse import Namespace
@@ -326,7 +391,7 @@ class TestOneTrainer:
         return run([python, "scripts/train.py", "--preset-path", f"training_presets/{self.PRESETS[model]}",
                     "--config-path", config, *extra], cwd=checkout, **env)
 
-    @pytest.mark.parametrize("model, label, sampler", [("sdxl", "SDXL", "ddim"), ("sd3", "SD3", "flow_euler")])
+    @pytest.mark.parametrize("model, label, sampler", [("sdxl", "SDXL", "ddim"), ("sd3", "Stable Diffusion 3", "flow_euler")])
     def test_sdxl_and_sd3_presets_train_and_save(self, world, tmp_path, model, label, sampler):
         """The SDXL and SD3 ADT presets on tiny models of those architectures (SD3 with a
         one-layer T5): OneTrainer's own loaders, data pipeline, setups and savers."""
@@ -340,6 +405,44 @@ class TestOneTrainer:
         tags = scalars(python, workspace / "tensorboard")
         assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
         assert all(v == v for _, v in tags["loss/G"])  # two generator steps, finite
+
+    def test_flux_and_zimage_presets_train_and_save(self, world, tmp_path):
+        """The FLUX.1-dev and Z-Image-Turbo ADT presets on tiny diffusers FLUX.1 and Z-Image folders:
+        OneTrainer's FluxModel / ZImageModel loaders, data pipeline, BaseFluxSetup / BaseZImageSetup
+        predict, LoRA setups and savers."""
+        root, python, checkout = world
+        build(python, "import types; sys.modules.setdefault('pytest', types.SimpleNamespace(fixture=lambda *a, **k: (lambda f: f)))\n"
+                      f"sys.path.insert(0, {str(HERE.parent)!r})\n"  # tests/: the tiny pipelines (their pytest fixtures unused)
+                      "import json, torch, tiny_flow_pipelines as tf\n"
+                      "from transformers import CLIPTextConfig, CLIPTextModel\n"
+                      f"flux = Path({str(tmp_path / 'flux')!r}); tf.make_flux_pipeline('dev', flux)\n"
+                      # OneTrainer tokenizes CLIP-L to 77 tokens: a text encoder with 77 positions
+                      "c = CLIPTextConfig.from_pretrained(flux / 'text_encoder'); c.max_position_embeddings = 77\n"
+                      "torch.manual_seed(0); CLIPTextModel(c).save_pretrained(flux / 'text_encoder')\n"
+                      "p = flux / 'tokenizer' / 'tokenizer_config.json'; d = json.loads(p.read_text()); d['model_max_length'] = 77\n"
+                      "p.write_text(json.dumps(d))\n"
+                      f"tf.make_zimage_pipeline(Path({str(tmp_path / 'zimage')!r}))")
+        parts = {"text_encoder": {"weight_dtype": "FLOAT_32", "train": False}}
+        for model, preset, label, extra in (
+            ("flux", "Flux Dev.1/#flux dev LoRA ADT.json", "FLUX.1-dev",
+             {"model_type": "FLUX_DEV_1", "text_encoder_2": {"weight_dtype": "FLOAT_32", "train": False},
+              "text_encoder_2_sequence_length": 32, "transformer": {"weight_dtype": "FLOAT_32", "train": True, "guidance_scale": 1.0}}),
+            ("zimage", "Z-Image/#z-image turbo LoRA ADT.json", "Z-Image",
+             {"model_type": "Z_IMAGE", "transformer": {"weight_dtype": "FLOAT_32", "train": True}}),
+        ):
+            workspace = tmp_path / f"ws-{model}"
+            config = self.config(world, workspace, **parts, **extra)
+            data = json.loads(config.read_text())
+            data.update(base_model_name=str(tmp_path / model))
+            data["adt"].pop("guidance_scale")  # the preset's (FLUX.1-dev: 3.5 embedded; Z-Image-Turbo: 0)
+            config.write_text(json.dumps(data))
+            rc, log = run([python, "scripts/train.py", "--preset-path", f"training_presets/{preset}", "--config-path", config],
+                          cwd=checkout)
+            assert rc == 0, log[-3000:]
+            assert f"ADT: strategy adt, {label}: rollout flow_euler x 3 steps" in log, log[-3000:]
+            assert (workspace / "out" / "lora.safetensors").exists() and (workspace / "out" / "lora.adt_disc.safetensors").exists()
+            tags = scalars(python, workspace / "tensorboard")
+            assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
 
     def test_a_missing_backbone_stops_before_onetrainer_loads_the_model(self, world, tmp_path):
         root, _, _ = world
@@ -359,7 +462,7 @@ class TestOneTrainer:
         workspace = tmp_path / "ws"
         rc, log = self.train(world, self.config(world, workspace))
         assert rc == 0, log[-3000:]
-        assert "ADT: strategy adt, SD 1.x / 2.x" in log
+        assert "ADT: strategy adt, Stable Diffusion 1.x" in log
         backups = sorted((workspace / "backup").iterdir())
         assert backups and all((b / "adt_disc.safetensors").exists() for b in backups)
         saves = sorted((workspace / "save").glob("*-save-*.safetensors"))

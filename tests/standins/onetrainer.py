@@ -63,7 +63,11 @@ def make_factory() -> types.ModuleType:
 class ModelType(Enum):
     STABLE_DIFFUSION_15 = "STABLE_DIFFUSION_15"
     STABLE_DIFFUSION_15_INPAINTING = "STABLE_DIFFUSION_15_INPAINTING"
+    STABLE_DIFFUSION_XL_10_BASE = "STABLE_DIFFUSION_XL_10_BASE"
+    STABLE_DIFFUSION_3 = "STABLE_DIFFUSION_3"
     FLUX_DEV_1 = "FLUX_DEV_1"
+    Z_IMAGE = "Z_IMAGE"
+    CHROMA_1 = "CHROMA_1"
 
     def __str__(self):
         return self.value
@@ -179,6 +183,7 @@ def train_config_fields() -> list:
     return [
             ("training_method", TrainingMethod.LORA, TrainingMethod, False),
             ("model_type", ModelType.STABLE_DIFFUSION_15, ModelType, False),
+            ("base_model_name", "", str, False),
             ("workspace_dir", "workspace/run", str, False),
             ("continue_last_backup", False, bool, False),
             ("learning_rate", 3e-6, float, False),

@@ -227,7 +227,8 @@ class NetworkTrainer:
         tokenize_strategy = self.get_tokenize_strategy(args)
         self.assert_extra_args(args, None, None)
         _, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, accelerator)
-        text_encoders = [text_encoder]
+        text_encoders = text_encoder if isinstance(text_encoder, list) else [text_encoder]  # as train_network.py
+        text_encoder = text_encoders[0]
         if args.cache_latents:
             vae.to("cpu")
         text_encoding_strategy = self.get_text_encoding_strategy(args)
@@ -329,3 +330,145 @@ def default_args(**overrides) -> SimpleNamespace:
     args.update(overrides)
     return SimpleNamespace(**args)
 
+
+
+# -- flux_train_network.py @ 48d368fa: FluxNetworkTrainer ---------------------------------------------
+class TinyFlux(nn.Module):
+    """Called like library/flux_models.Flux.forward(img, img_ids, txt, txt_ids, timesteps, y, ...,
+    guidance, txt_attention_mask, mod_vectors): img packed [B, (H/2)(W/2), 64], timesteps = sigma.
+    Like FLUX.1-schnell it has no guidance input when `guidance_embed` is False. Records the
+    timesteps and guidance of every call (`calls`)."""
+
+    def __init__(self, guidance_embed: bool = True, context: int = 8, width: int = 16):
+        super().__init__()
+        self.params = SimpleNamespace(guidance_embed=guidance_embed)
+        self.img_in = nn.Linear(64, width)
+        self.ctx = nn.Linear(context, width)  # txt_in: the LoRA stand-in wraps `ctx` and `time`
+        self.time = nn.Linear(1, width)
+        self.vector_in = nn.Linear(context, width)
+        self.guidance_in = nn.Linear(1, width) if guidance_embed else None
+        self.out = nn.Linear(width, 64)
+        self.calls: list[dict] = []
+
+    def get_mod_vectors(self, timesteps, guidance=None, batch_size=None):
+        return None
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, block_controlnet_hidden_states=None,
+                block_controlnet_single_hidden_states=None, guidance=None, txt_attention_mask=None, mod_vectors=None):
+        assert img.ndim == 3 and txt.ndim == 3 and img_ids.shape[:2] == img.shape[:2] and txt_ids.shape[:2] == txt.shape[:2]
+        self.calls.append({"timesteps": timesteps.detach().float().cpu(),
+                           "guidance": None if guidance is None else guidance.detach().float().cpu(), "tokens": img.shape[1]})
+        vec = self.time(timesteps.float()[:, None]) + self.vector_in(y)
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("Didn't get guidance strength for guidance distilled model.")
+            vec = vec + self.guidance_in(guidance.float()[:, None] / 10)
+        h = self.img_in(img) + self.ctx(txt.mean(1))[:, None] + vec[:, None]
+        return self.out(torch.tanh(h))
+
+
+class FluxTokenizeStrategy:
+    """library/strategy_flux.py FluxTokenizeStrategy.tokenize(text) -> [l_tokens, t5_tokens, t5_attn_mask]."""
+
+    def tokenize(self, text):
+        texts = [text] if isinstance(text, str) else text
+        ids = torch.tensor([[len(t) % 7 + 1] + [min(ord(c) % 16, 15) for c in t[:4]] + [0] * (5 - min(len(t), 4)) for t in texts])
+        return [ids, ids.flip(1), (ids > 0).long()]
+
+
+class FluxTextEncodingStrategy:
+    """library/strategy_flux.py FluxTextEncodingStrategy.encode_tokens(tokenize_strategy, models, tokens,
+    apply_t5_attn_mask) -> [l_pooled, t5_out, txt_ids, t5_attn_mask]."""
+
+    def __init__(self, apply_t5_attn_mask=None):
+        self.apply_t5_attn_mask = apply_t5_attn_mask
+
+    def encode_tokens(self, tokenize_strategy, models, tokens, apply_t5_attn_mask=None):
+        clip_l, t5 = models
+        l_tokens, t5_tokens, mask = tokens
+        l_pooled = clip_l(l_tokens)[0].mean(1)
+        t5_out = t5(t5_tokens)[0]
+        txt_ids = torch.zeros(t5_out.shape[0], t5_out.shape[1], 3)
+        return [l_pooled, t5_out, txt_ids, mask]
+
+
+class TinyAE(nn.Module):
+    """library/flux_models.AutoEncoder: encode(x) / decode(z) scale and shift inside; 8x, 16 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 16, 8, stride=8)
+        self.dec = nn.ConvTranspose2d(16, 3, 8, stride=8)
+
+    @property
+    def device(self):
+        return self.enc.weight.device
+
+    @property
+    def dtype(self):
+        return self.enc.weight.dtype
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return torch.tanh(self.dec(z))
+
+
+class FluxNetworkTrainer(NetworkTrainer):
+    """flux_train_network.py's FluxNetworkTrainer: the methods the plugin relies on, with their data flow
+    (text conditioning [l_pooled, t5_out, txt_ids, t5_attn_mask], latents from the AE as they are,
+    the Flux call of get_noise_pred_and_target with guidance = --guidance_scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.is_schnell = None
+
+    def get_tokenize_strategy(self, args):
+        return FluxTokenizeStrategy()
+
+    def get_text_encoding_strategy(self, args):
+        return FluxTextEncodingStrategy(apply_t5_attn_mask=args.apply_t5_attn_mask)
+
+    def get_models_for_text_encoding(self, args, accelerator, text_encoders):
+        return text_encoders
+
+    def get_noise_scheduler(self, args, device):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.discrete_flow_shift)
+
+    def encode_images_to_latents(self, args, vae, images):
+        return vae.encode(images)
+
+    def shift_scale_latents(self, args, latents):
+        return latents
+
+    def load_target_model(self, args, weight_dtype, accelerator):
+        clip_l, t5, ae, flux = args.models
+        return "flux1", [clip_l, t5], ae, flux
+
+    def get_noise_pred_and_target(self, args, accelerator, noise_scheduler, latents, batch, text_encoder_conds, unet,
+                                  network, weight_dtype, train_unet, is_train=True):
+        from adt_plugin.families.flux import image_ids, pack_latents, unpack_latents
+
+        noise = torch.randn_like(latents)
+        bsz, _, h, w = latents.shape
+        sigmas = torch.rand(bsz)
+        noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        l_pooled, t5_out, txt_ids, t5_attn_mask = text_encoder_conds
+        guidance_vec = torch.full((bsz,), float(args.guidance_scale))
+        with torch.set_grad_enabled(is_train), accelerator.autocast():
+            pred = unet(img=pack_latents(noisy), img_ids=image_ids(h, w, noisy.device, torch.float32)[None].expand(bsz, -1, -1),
+                        txt=t5_out, txt_ids=txt_ids, y=l_pooled, timesteps=sigmas, guidance=guidance_vec,
+                        txt_attention_mask=t5_attn_mask if args.apply_t5_attn_mask else None)
+        return unpack_latents(pred, h, w), noise - latents, sigmas * 1000, None
+
+
+def flux_default_args(**overrides) -> SimpleNamespace:
+    """default_args plus flux_train_network.py's own options (library/flux_train_utils.add_flux_train_arguments)."""
+    flux = dict(guidance_scale=3.5, timestep_sampling="sigma", sigmoid_scale=1.0, model_prediction_type="sigma_scaled",
+                discrete_flow_shift=3.0, model_type="flux", apply_t5_attn_mask=False, weighting_scheme="uniform",
+                logit_mean=0.0, logit_std=1.0, mode_scale=1.29, blocks_to_swap=None, fp8_base=False, split_mode=False)
+    flux.update(overrides)
+    return default_args(**flux)

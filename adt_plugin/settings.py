@@ -63,6 +63,23 @@ class AdtSettings:
     # same_cond = another image of the batch with the same conditioning (else itself),
     # self = the very image that was noised (the paper), any = any other image
     reference: str = "same_cond"
+    # what an ADT run spends its compute on (docs/demo.md, "What ADT costs"; every call's cost is
+    # logged as cost/...): adt_every = every n-th generator step is an ADT step (rollout,
+    # discriminator, adversarial term); the others are plain FT steps (the diffusion loss at a
+    # uniform timestep: 1 forward + 1 backward, no rollout). adt_start = generator steps before
+    # this one are all FT steps (an FT phase, then ADT).
+    adt_every: int = 1
+    adt_start: int = 0
+    # rollout_buffer = n > 0: the latest n rollouts (their decoded samples with the real images
+    # they are scored against) are kept, and a discriminator step between rollouts takes one of
+    # them (drawn at random) instead of a fresh rollout: a discriminator-only call (g_every > 1)
+    # then makes no denoiser call at all, and an FT step of the mix (adt_every > 1) takes a
+    # discriminator step as well. 0 = every discriminator step has a fresh rollout of its own
+    # (the paper), FT steps take none. Saved with the strategy's state (resume is exact).
+    rollout_buffer: int = 0
+    # the share of the batch that rolls out (and that the discriminator sees), ceil(share x B) >= 1
+    # rows; the diffusion term (diff_timestep = uniform) still uses the whole batch
+    rollout_share: float = 1.0
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2
@@ -87,10 +104,10 @@ class AdtSettings:
         # (built below); the rest here, each once.
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("g_every", "at_steps"):
+        for name in ("g_every", "at_steps", "adt_every"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("g_warmup_steps", "d_warmup_steps", "adv_warmup_steps"):
+        for name in ("g_warmup_steps", "d_warmup_steps", "adv_warmup_steps", "adt_start", "rollout_buffer"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_diff < 0 or self.d_lr <= 0:
@@ -98,6 +115,8 @@ class AdtSettings:
         for name, allowed in (("adv_balance", ADV_BALANCES), ("diff_timestep", DIFF_TIMESTEPS), ("reference", REFERENCES)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be {_one_of(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.rollout_share <= 1.0:
+            raise SettingsError(f"rollout_share must be in (0, 1], got {self.rollout_share}")
         for name in ("adv_ratio", "ip_gamma", "at_epsilon", "at_step_size"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -5,8 +5,8 @@
     python install.py --onetrainer ~/OneTrainer --uninstall
 
 For each tool it checks that the folder really is that tool, installs this
-package into the tool's own Python environment (its venv / .venv / conda_env
-folder, or --python), and places what the tool needs:
+checkout of the package into the tool's own Python environment (its venv /
+.venv / conda_env folder, or --python), and places what the tool needs:
 
   --kohya PATH       sd-scripts: the package (then `accelerate launch -m adt_plugin.kohya.launch ...`)
   --kohya-gui PATH   kohya_ss GUI: the package + ADT presets in presets/lora/user_presets/
@@ -14,19 +14,23 @@ folder, or --python), and places what the tool needs:
                      + "#... ADT" presets in training_presets/
   --comfyui PATH     ComfyUI: the package + custom_nodes/adt_plugin_nodes (a link to comfyui_nodes/)
 
-Running it twice changes nothing. What it adds is listed in the tool folder's
-.adt_plugin_install.json; --uninstall removes exactly that (files you have edited
-since are kept, with a note). It never downloads model weights. Standard
+Running it twice changes nothing; after a `git pull` (or any edit) it reinstalls
+the package, because it compares the files installed in the tool's Python with
+this checkout's (an editable install of this checkout is always current). What
+it adds is listed in the tool folder's .adt_plugin_install.json, including the
+packages pip added to the tool's environment for adt-plugin; --uninstall removes
+exactly that (files you have edited since are kept, with a note; packages the
+tool had before are never removed). It never downloads model weights. Standard
 library only: run it with any Python 3.9+.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,13 +40,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent
+PRESETS = REPO / "adt_plugin" / "presets"  # package data: the same files the wheel ships
 MANIFEST = ".adt_plugin_install.json"
 PACKAGE = "adt-plugin"
-
-
-def repo_version() -> str:
-    match = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
-    return match.group(1) if match else "0"
 
 
 # -- what each tool gets ----------------------------------------------------------------------
@@ -56,6 +56,7 @@ class Tool:
     files: Callable[[Path], list[tuple[Path, Path]]] = lambda root: []  # (source in this repo, destination)
     links: Callable[[Path], list[tuple[Path, Path]]] = lambda root: []  # (source folder, destination)
     usage: str = ""
+    after_uninstall: str = ""  # what the user still has to change by hand
 
 
 def _presets(src: Path, dest: Path) -> list[tuple[Path, Path]]:
@@ -70,19 +71,22 @@ TOOLS: dict[str, Tool] = {
             ("train_network.py", "library/train_util.py"), ("venv", ".venv"),
             usage="accelerate launch -m adt_plugin.kohya.launch {root}/train_network.py --config_file my.toml "
                   "--adt_backbone_path ./dinov2-small",
+            after_uninstall="drop `-m adt_plugin.kohya.launch` from your accelerate launch commands",
         ),
         Tool(
             "kohya_gui", "--kohya-gui", "kohya_ss GUI",
             ("kohya_gui.py", "kohya_gui/lora_gui.py", "presets/lora"), ("venv", ".venv"),
-            files=lambda root: _presets(REPO / "presets" / "kohya_gui", root / "presets" / "lora" / "user_presets"),
+            files=lambda root: _presets(PRESETS / "kohya_gui", root / "presets" / "lora" / "user_presets"),
             usage="LoRA tab -> Parameters -> Presets: user_presets/ADT - ... (restart the GUI to see them)",
+            after_uninstall="a GUI config that still has `-m adt_plugin.kohya.launch` in Accelerate launch -> "
+                            "Extra accelerate launch arguments no longer starts: clear that field",
         ),
         Tool(
             "onetrainer", "--onetrainer", "OneTrainer",
             ("scripts/train.py", "modules/modelSetup", "modules/util/factory.py", "training_presets"),
             ("venv", ".venv", "conda_env"),
             files=lambda root: [(REPO / "adt_plugin" / "onetrainer" / "shim.py", root / "modules" / "modelSetup" / "adt_plugin_shim.py")]
-            + _presets(REPO / "presets" / "onetrainer", root / "training_presets"),
+            + _presets(PRESETS / "onetrainer", root / "training_presets"),
             usage="start OneTrainer and pick e.g. SD1.5 / #sd 1.5 LoRA ADT from the preset list",
         ),
         Tool(
@@ -122,16 +126,142 @@ def env_python(root: Path, tool: Tool, override: Optional[str]) -> Optional[Path
     return None
 
 
-def pip_command(python: Path | str) -> list[str]:
-    return [str(python), "-m", "pip", "install", str(REPO)]
+def pip_command(python: Path | str, source: Path | str = REPO) -> list[str]:
+    return [str(python), "-m", "pip", "install", str(source)]
 
 
-def installed_version(python: Path) -> Optional[str]:
-    code = f"import importlib.metadata as m\ntry: print(m.version({PACKAGE!r}))\nexcept m.PackageNotFoundError: print('')"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+# -- what is installed in a tool's Python ---------------------------------------------------------
+# Run by the tool's own Python with -I (isolated: neither the current folder nor PYTHON*
+# variables on sys.path) from an empty folder, so that a checkout's adt_plugin.egg-info or
+# adt_plugin/ next to it cannot pass for an installed package.
+QUERY = r"""
+import importlib.metadata as md, json, re, sys
+
+def canon(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+try:  # pip's own copy, where the tool has no packaging
+    from packaging.requirements import Requirement
+except Exception:
+    try:
+        from pip._vendor.packaging.requirements import Requirement
+    except Exception:
+        Requirement = None
+
+def needed(requirement):  # to run here: not under an extra, a marker that holds for this Python
+    if Requirement is None:
+        return not re.search(r";.*\bextra\b", requirement)
+    try:
+        marker = Requirement(requirement).marker
+        return marker is None or marker.evaluate({"extra": ""})
+    except Exception:
+        return True
+
+dists, requires = {}, {}
+for dist in md.distributions():
+    name = dist.metadata["Name"]
+    if not name or canon(name) in dists:
+        continue
+    dists[canon(name)] = dist.version
+    needs = [r for r in (dist.requires or []) if needed(r)]
+    requires[canon(name)] = sorted({canon(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in needs})
+adt = None
+try:
+    dist = md.distribution("adt-plugin")
+except md.PackageNotFoundError:
+    dist = None
+if dist is not None:
+    direct = dist.read_text("direct_url.json")
+    adt = {
+        "version": dist.version,
+        "direct_url": json.loads(direct) if direct else None,
+        "location": str(dist.locate_file("adt_plugin")),
+        "files": {str(f): f.hash.value for f in (dist.files or []) if str(f).startswith("adt_plugin/") and f.hash},
+    }
+print(json.dumps({"python": sys.version.split()[0], "prefix": sys.prefix, "dists": dists, "requires": requires, "adt": adt}))
+"""
+
+
+def query_environment(python: Path | str) -> dict:
+    """What the tool's Python has installed: {dists, requires, adt} (adt: None when absent)."""
+    with tempfile.TemporaryDirectory(prefix="adt-install-") as empty:
+        out = subprocess.run([str(python), "-I", "-c", QUERY], capture_output=True, text=True, cwd=empty)
     if out.returncode != 0:
         raise RuntimeError(f"{python} does not run ({out.stderr.strip().splitlines()[-1:] or 'no output'})")
-    return out.stdout.strip() or None
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(f"{python} did not answer what it has installed (got {out.stdout.strip()[:200]!r})") from None
+
+
+def record_hash(data: bytes) -> str:
+    """A file's hash as a wheel's RECORD (and importlib.metadata) writes it."""
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def checkout_files() -> dict[str, str]:
+    """What a wheel of this checkout installs under adt_plugin/ (the package's modules and its
+    presets, see pyproject.toml), with RECORD hashes."""
+    files = {}
+    for path in sorted((REPO / "adt_plugin").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".toml", ".json"):
+            files[path.relative_to(REPO).as_posix()] = record_hash(path.read_bytes())
+    return files
+
+
+def _file_url_path(url: str) -> Optional[Path]:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    return Path(unquote(parsed.path)).resolve() if parsed.scheme == "file" else None
+
+
+def compare_with_checkout(adt: Optional[dict]) -> tuple[str, str]:
+    """("missing" | "current" | "stale", what was found), for the tool's adt-plugin."""
+    if adt is None:
+        return "missing", "not installed"
+    direct = adt.get("direct_url") or {}
+    if direct.get("dir_info", {}).get("editable"):
+        target = _file_url_path(direct.get("url", ""))
+        if target == REPO:
+            return "current", f"{PACKAGE} {adt['version']} (an editable install of this checkout)"
+        return "stale", f"{PACKAGE} {adt['version']} (an editable install of {target or direct.get('url')})"
+    location = Path(adt.get("location", "")).resolve()
+    if location == REPO / "adt_plugin":  # an old-style `setup.py develop` / path install of this checkout
+        return "current", f"{PACKAGE} {adt['version']} (this checkout, on the tool's path)"
+    have, want = adt.get("files", {}), checkout_files()
+    if have == want:
+        return "current", f"{PACKAGE} {adt['version']} (the same files as this checkout)"
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    shown = ", ".join(d[len("adt_plugin/"):] for d in differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    return "stale", f"{PACKAGE} {adt['version']} ({len(differ)} file(s) differ from this checkout: {shown})"
+
+
+def stage_source(dest: Path) -> Path:
+    """A copy of what pip builds (pyproject.toml, README.md, adt_plugin/), so that the build
+    writes nothing (build/, *.egg-info) into the checkout and installs exactly these files."""
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(REPO / "adt_plugin", dest / "adt_plugin", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def removable(added: list[str], env: dict, removing: set[str]) -> tuple[list[str], list[str]]:
+    """(the packages install.py added that nothing staying installed needs, those still needed);
+    `removing`: what goes anyway (adt-plugin, unless it was there before install.py)."""
+    installed = set(env["dists"])
+    remove = {name for name in added if name in installed}
+    changed = True
+    while changed:  # a package stays when anything that stays requires it
+        changed = False
+        for name in sorted(remove):
+            gone = remove | removing
+            if any(name in reqs for d, reqs in env["requires"].items() if d not in gone):
+                remove.discard(name)
+                changed = True
+    kept = sorted(n for n in added if n in installed and n not in remove)
+    return sorted(remove), kept
 
 
 @dataclass
@@ -243,23 +373,50 @@ def _install_package(tool: Tool, root: Path, args, manifest: dict, report: Repor
                    f"yourself with that tool's Python: {' '.join(pip_command('<python>'))}")
         return
     try:
-        have = installed_version(python)
+        before = query_environment(python)
     except RuntimeError as err:
         report.say(f"  package    {err}; install it yourself: {' '.join(pip_command(python))}")
         report.failed = True
         return
-    want = repo_version()
-    if have == want and not args.reinstall:
-        report.say(f"  unchanged  {PACKAGE} {have} in {python}")
+    env_folder = python.parent.parent if python.parent.name in ("bin", "Scripts") else python.parent
+    if not args.python and Path(before.get("prefix", env_folder)).resolve() != env_folder.resolve():
+        report.say(f"  package    {python} is not an environment of its own: it runs the Python in {before['prefix']}. "
+                   f"Not installing there; give the tool's interpreter with --python if that is really it")
+        report.failed = True
         return
-    result = subprocess.run(pip_command(python))
+    status, found = compare_with_checkout(before["adt"])
+    if status == "current" and not args.reinstall:
+        report.say(f"  unchanged  {found} in {python}")
+        return
+    report.say(f"  package    {found} in {python}: installing this checkout")
+    with tempfile.TemporaryDirectory(prefix="adt-plugin-src-") as staged:
+        command = pip_command(python, stage_source(Path(staged)))
+        result = subprocess.run(command)
     if result.returncode != 0:
         report.say(f"  FAILED     {' '.join(pip_command(python))} (exit {result.returncode})")
         report.failed = True
         return
-    if manifest.get("pip") is None:
-        manifest["pip"] = {"python": str(python), "previous": have}
-    report.say(f"  installed  {PACKAGE} {want} into {python}", changed=True)
+    after = query_environment(python)
+    status, found = compare_with_checkout(after["adt"])
+    if status != "current":
+        report.say(f"  FAILED     pip finished, but {python} has {found}")
+        report.failed = True
+        return
+    added = sorted(n for n in after["dists"] if n not in before["dists"] and n != PACKAGE)
+    changed = {n: [before["dists"][n], v] for n, v in after["dists"].items()
+               if n in before["dists"] and before["dists"][n] != v and n != PACKAGE}
+    pip = manifest.get("pip") or {"python": str(python), "previous": (before["adt"] or {}).get("version"),
+                                   "added": [], "changed": {}}
+    pip["added"] = sorted(set(pip.get("added", [])) | set(added))
+    pip["changed"] = {**changed, **pip.get("changed", {})}  # the first install.py run knows the tool's own version
+    manifest["pip"] = pip
+    report.say(f"  installed  {found} into {python}", changed=True)
+    if added:
+        report.say(f"  added      {len(added)} package(s) the tool did not have: {', '.join(added)} "
+                   "(--uninstall removes them)")
+    for name, (old, new) in sorted(changed.items()):
+        report.say(f"  WARNING    pip changed the tool's {name} {old} -> {new}; --uninstall does not undo this: "
+                   f"{python} -m pip install {name}=={old}")
 
 
 def uninstall(tool: Tool, root: Path, args: argparse.Namespace) -> Report:
@@ -293,29 +450,55 @@ def uninstall(tool: Tool, root: Path, args: argparse.Namespace) -> Report:
             report.say(f"  removed    {rel}/", changed=True)
     pip = manifest.get("pip")
     if pip and not args.no_pip:
-        if pip.get("previous"):
-            report.say(f"  package    left in place ({PACKAGE} {pip['previous']} was there before install.py)")
-        else:
-            result = subprocess.run([pip["python"], "-m", "pip", "uninstall", "-y", PACKAGE])
-            report.say(f"  removed    {PACKAGE} from {pip['python']}" if result.returncode == 0
-                       else f"  FAILED     pip uninstall {PACKAGE} (exit {result.returncode})", changed=result.returncode == 0)
-            report.failed |= result.returncode != 0
-    (root / MANIFEST).unlink()
+        _uninstall_packages(pip, report)
+    if tool.after_uninstall:
+        report.say(f"  note       {tool.after_uninstall}")
+    if report.failed:  # keep the record of what is left, for the next --uninstall
+        write_atomic(root / MANIFEST, (json.dumps({**manifest, "files": {}, "links": {}, "dirs": []}, indent=2,
+                                                  sort_keys=True) + "\n").encode())
+    else:
+        (root / MANIFEST).unlink()
     return report
+
+
+def _uninstall_packages(pip: dict, report: Report) -> None:
+    python = pip["python"]
+    try:
+        env = query_environment(python)
+    except RuntimeError as err:
+        report.say(f"  FAILED     {err}; remove {PACKAGE} yourself: <python> -m pip uninstall {PACKAGE}")
+        report.failed = True
+        return
+    names = []
+    if pip.get("previous"):
+        report.say(f"  package    left in place ({PACKAGE} {pip['previous']} was there before install.py)")
+    elif PACKAGE in env["dists"]:
+        names.append(PACKAGE)
+    remove, kept = removable(pip.get("added", []), env, set(names))
+    names += remove
+    for name in kept:
+        report.say(f"  kept       {name} (install.py added it, but a package that stays installed needs it)")
+    for name, (old, new) in sorted(pip.get("changed", {}).items()):
+        report.say(f"  note       pip changed {name} {old} -> {new} when install.py ran; left as it is now")
+    if not names:
+        return
+    result = subprocess.run([python, "-m", "pip", "uninstall", "-y", *names])
+    if result.returncode == 0:
+        report.say(f"  removed    {', '.join(names)} from {python}", changed=True)
+    else:
+        report.say(f"  FAILED     {python} -m pip uninstall -y {' '.join(names)} (exit {result.returncode})")
+        report.failed = True
 
 
 # -- command line -----------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="install.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {t.flag:<14} {t.label}" for t in TOOLS.values()),
-    )
+    p = argparse.ArgumentParser(prog="install.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for tool in TOOLS.values():
         p.add_argument(tool.flag, metavar="PATH", dest=tool.key, help=f"the {tool.label} folder")
     p.add_argument("--uninstall", action="store_true", help="remove what install.py added to the given tools")
     p.add_argument("--python", help="the tool's Python interpreter (when it is not in venv/ or .venv/)")
     p.add_argument("--no-pip", action="store_true", help="do not install the package; print the pip command instead")
-    p.add_argument("--reinstall", action="store_true", help="reinstall the package even if this version is there")
+    p.add_argument("--reinstall", action="store_true", help="reinstall the package even if the tool already has this checkout's files")
     p.add_argument("--copy", action="store_true", help="copy comfyui_nodes/ instead of linking it")
     return p
 

@@ -4,17 +4,21 @@ Any frozen `nn.Module` works as a backbone if it maps preprocessed images to a
 list of token maps [B, C_i, N_i] (one per tap) and says how to preprocess:
 `input_size`, `mean`, `std`, `feature_channels`, and an `identity` string that
 discriminator checkpoints record. The default is DINOv2 ViT-S/14 through
-transformers' `Dinov2Model`, tapped after blocks [2, 5, 8, 11].
+transformers' `Dinov2Model`, tapped after blocks [2, 5, 8, 11], named by a local
+folder or a Hugging Face hub id (`hub.py`: the cache, or one download when online).
+`locate_dinov2` and `backbone_depth` answer where it comes from and how deep it is
+without loading weights (the front ends' early check); `load_dinov2` loads it.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from . import hub
+from .hub import ModelNotFound, ModelSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,9 +53,7 @@ class Dinov2Backbone(FeatureNetwork):
     def __init__(self, model: nn.Module, taps: Sequence[int] = DEFAULT_TAPS, input_size: int = 224, identity: str = ""):
         super().__init__()
         depth = model.config.num_hidden_layers
-        bad = [t for t in taps if not 0 <= t < depth]
-        if bad:
-            raise ValueError(f"DINOv2 taps {bad} are outside this model's {depth} blocks (0..{depth - 1})")
+        check_taps(taps, depth)
         self.model = model
         self.taps = tuple(int(t) for t in taps)
         self.input_size = input_size
@@ -67,37 +69,40 @@ class Dinov2Backbone(FeatureNetwork):
         return [hidden[t + 1][:, self.prefix_tokens :, :].transpose(1, 2) for t in self.taps]
 
 
+def check_taps(taps: Sequence[int], depth: int, name: str = "this model") -> None:
+    """Taps index DINOv2's transformer blocks: 0..depth-1."""
+    bad = [t for t in taps if not 0 <= int(t) < depth]
+    if bad:
+        raise ValueError(f"taps {bad} are outside {name}'s {depth} blocks (0..{depth - 1})")
+
+
+def locate_dinov2(path_or_name: str = DEFAULT_DINOV2, setting: str = "backbone_path") -> ModelSource:
+    """Where the backbone would come from (a folder, the Hugging Face cache, or a download), from the disk alone."""
+    return hub.locate(path_or_name, what="DINOv2 backbone", setting=setting, example=DEFAULT_DINOV2)
+
+
+def backbone_depth(source: ModelSource) -> int:
+    """The number of transformer blocks, from config.json alone (no weights)."""
+    config = source.config()
+    depth, width = config.get("num_hidden_layers"), config.get("hidden_size")
+    if not isinstance(depth, int) or not isinstance(width, int):
+        raise ModelNotFound(
+            f"{source.what} {source.name!r}: its config.json has no num_hidden_layers / hidden_size; "
+            f"a DINOv2 (transformers Dinov2Model) is needed, e.g. {DEFAULT_DINOV2}"
+        )
+    return depth
+
+
 def load_dinov2(path_or_name: str = DEFAULT_DINOV2, taps: Sequence[int] = DEFAULT_TAPS, input_size: int = 224) -> Dinov2Backbone:
-    """Load DINOv2 from a local folder or from the local Hugging Face cache (never the network)."""
+    """DINOv2 from a local folder or a Hugging Face hub id: the cache, or one download
+    into it when online (as transformers' from_pretrained; HF_HUB_OFFLINE=1 keeps it local)."""
     from transformers import AutoConfig, AutoModel
 
-    local = Path(os.path.expanduser(path_or_name))
+    source = locate_dinov2(path_or_name)
     try:
-        config = AutoConfig.from_pretrained(str(local) if local.exists() else path_or_name, local_files_only=True)
-        model = AutoModel.from_pretrained(str(local) if local.exists() else path_or_name, config=config, local_files_only=True)
+        config = AutoConfig.from_pretrained(source.load_name, **source.pretrained_kwargs())
+        model = AutoModel.from_pretrained(source.load_name, config=config, **source.pretrained_kwargs())
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"DINOv2 backbone not found at {path_or_name!r} (looked for a local folder and the local Hugging Face "
-            f"cache; nothing is downloaded at run time). Get it once on a machine with internet, e.g. "
-            f"`huggingface-cli download {DEFAULT_DINOV2} --local-dir ./dinov2-small`, then set the backbone path "
-            f"to that folder. ({err.__class__.__name__}: {err})"
-        ) from err
+        raise ModelNotFound(hub.not_loadable_message(source, err)) from err
     identity = f"dinov2:{config.hidden_size}x{config.num_hidden_layers}"
     return Dinov2Backbone(model, taps=taps, input_size=input_size, identity=identity)
-
-
-def dinov2_is_available(path_or_name: str = DEFAULT_DINOV2) -> tuple[bool, str]:
-    """(found, where) without loading weights: for `adt doctor`."""
-    local = Path(os.path.expanduser(path_or_name))
-    if local.exists():
-        ok = (local / "config.json").exists()
-        return ok, str(local) if ok else f"{local} (no config.json)"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(path_or_name, "config.json")
-        if isinstance(hit, str):
-            return True, f"HF cache: {hit}"
-    except Exception:  # noqa: BLE001 - a broken hub install only means "not found"
-        pass
-    return False, f"{path_or_name} (not a folder, not in the local HF cache)"

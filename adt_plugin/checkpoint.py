@@ -58,6 +58,11 @@ def discriminator_fingerprint(disc) -> dict[str, Any]:
     }
 
 
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a recorded fingerprint and this run's, one `key: checkpoint X, this run Y` each."""
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current[k]!r}" for k in current if saved.get(k) != current[k]]
+
+
 def save_discriminator(path: str | os.PathLike, strategy, extra_metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the ADT strategy's state atomically to `path`."""
     fingerprint = _fingerprint(strategy)
@@ -111,9 +116,7 @@ def load_discriminator(path: str | os.PathLike, strategy) -> dict[str, str]:
     Fails before touching the strategy if the file was made for another backbone,
     layer set or head layout, with a message that lists what differs."""
     tensors, metadata = read_discriminator_file(path)
-    saved = json.loads(metadata["fingerprint"])
-    current = _fingerprint(strategy)
-    differs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    differs = fingerprint_differences(json.loads(metadata["fingerprint"]), _fingerprint(strategy))
     if differs:
         raise CheckpointMismatch(
             f"discriminator checkpoint {path} was made for another discriminator; differs in "

@@ -40,20 +40,24 @@ class LatentDecoder(nn.Module):
         return self.vae.decode(z).sample
 
 
-def load_tiny_decoder(path: str, device=None) -> LatentDecoder:
-    """A tiny autoencoder's decoder from a local diffusers `AutoencoderTiny` folder
-    (TAESD for SD1.x/2.x, TAESDXL for SDXL, TAESD3 for SD3)."""
-    import os
-    from pathlib import Path
+def locate_tiny_decoder(path_or_name: str, setting: str = "decoder_path"):
+    """Where decoder_path would come from (a folder, the Hugging Face cache, or a download)."""
+    from . import hub
 
+    return hub.locate(path_or_name, what="tiny autoencoder (decoder_path)", setting=setting, example="madebyollin/taesd")
+
+
+def load_tiny_decoder(path_or_name: str, device=None) -> LatentDecoder:
+    """A tiny autoencoder's decoder (diffusers `AutoencoderTiny`) from a local folder or a
+    Hugging Face hub id: madebyollin/taesd for SD1.x/2.x, madebyollin/taesdxl for SDXL,
+    madebyollin/taesd3 for SD3 (downloaded once into the cache when online)."""
     from diffusers import AutoencoderTiny
 
-    folder = Path(os.path.expanduser(path))
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"decoder_path {folder} is not a diffusers AutoencoderTiny folder (config.json + weights); nothing is "
-            f"downloaded at run time. Get one once, e.g. `huggingface-cli download madebyollin/taesd --local-dir "
-            f"./taesd` (madebyollin/taesdxl for SDXL, madebyollin/taesd3 for SD3), or leave decoder_path empty to "
-            f"decode with the model's VAE."
-        )
-    return LatentDecoder(AutoencoderTiny.from_pretrained(str(folder), local_files_only=True)).to(device)
+    from .hub import ModelNotFound, not_loadable_message
+
+    source = locate_tiny_decoder(path_or_name)
+    try:
+        vae = AutoencoderTiny.from_pretrained(source.load_name, **source.pretrained_kwargs())
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(not_loadable_message(source, err)) from err
+    return LatentDecoder(vae).to(device)

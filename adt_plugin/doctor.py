@@ -13,7 +13,8 @@ from typing import Callable
 
 from packaging.version import InvalidVersion, Version
 
-from .backbones import DEFAULT_DINOV2, dinov2_is_available
+from . import hub
+from .backbones import DEFAULT_DINOV2, locate_dinov2
 
 HELP = "report the environment a training run will see and run the core's self-check"
 
@@ -51,9 +52,22 @@ def environment_checks(backbone_path: str) -> list[tuple[str, str, str]]:
     xformers = _version("xformers")
     attention = "SDPA" + (f"; xformers {xformers} installed (optional)" if xformers else "; xformers not installed (optional)")
     rows.append(("ok" if sdpa else "FAIL", "attention", attention))
-    found, where = dinov2_is_available(backbone_path)
-    rows.append(("ok" if found else "warn", "DINOv2 backbone", where if found else f"not found: {where}. ADT on SD models needs it; `adt demo` does not"))
+    rows.extend(backbone_checks(backbone_path))
     return rows
+
+
+def backbone_checks(backbone_path: str) -> list[tuple[str, str, str]]:
+    """Where the backbone would come from (folder, cache, or a download on first use) and
+    whether the Hugging Face Hub answers (one HEAD request; nothing is downloaded)."""
+    state, detail = hub.hub_status()
+    rows = [("warn" if state == "unreachable" else "ok", "Hugging Face Hub", f"{state}: {detail}")]
+    try:
+        source = locate_dinov2(backbone_path)
+    except hub.ModelNotFound as err:
+        return rows + [("warn", "DINOv2 backbone", f"not found: {err}. ADT on SD models needs it; `adt demo` does not")]
+    if source.kind == hub.DOWNLOAD and state != "reachable":
+        return rows + [("warn", "DINOv2 backbone", f"{source.describe()}, but the Hub is {state}")]
+    return rows + [("ok", "DINOv2 backbone", source.describe())]
 
 
 def run_doctor(backbone_path: str = DEFAULT_DINOV2, selfcheck: bool = True, echo: Callable[[str], None] = print) -> int:
@@ -75,7 +89,7 @@ def run_doctor(backbone_path: str = DEFAULT_DINOV2, selfcheck: bool = True, echo
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--backbone", default=DEFAULT_DINOV2, help="DINOv2 folder or HF cache name to look for")
+    parser.add_argument("--backbone", default=DEFAULT_DINOV2, help=f"DINOv2 folder or Hugging Face hub id to look for (default {DEFAULT_DINOV2})")
     parser.add_argument("--no-selfcheck", action="store_true", help="only report the environment")
 
 

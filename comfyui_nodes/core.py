@@ -22,7 +22,7 @@ import torch
 
 from adt_plugin.eval.grid import render_grid
 from adt_plugin.eval.images import tensor_to_pil
-from adt_plugin.eval.scores import METRICS, ScoreTable
+from adt_plugin.eval.scores import METRICS, MetricInfo, ScoreTable, mean_std_text
 
 SLOTS = ("A", "B", "C")
 BASE_CHOICE = "(base: no LoRA)"
@@ -47,6 +47,67 @@ def seeds_from(seed: int, count: int) -> list[int]:
     if count < 1:
         raise ValueError(f"seeds per prompt must be >= 1, got {count}")
     return [(int(seed) + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+# ---- what the comparison node is asked to do: three small records ------------------------
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts and the seeds every prompt is sampled with."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str, seed: int, seeds_per_prompt: int) -> "PromptSet":
+        return cls(tuple(parse_prompts(text)), tuple(seeds_from(seed, seeds_per_prompt)))
+
+    def rows(self) -> list["Row"]:
+        return plan_rows(self.prompts, self.seeds)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The KSampler settings every cell is sampled with."""
+
+    sampler_name: str
+    scheduler: str
+    steps: int
+    cfg: float
+    width: int
+    height: int
+    negative: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ColumnChoice:
+    """One column as the node's inputs give it: a LoRA choice, strength, label, and
+    optionally the column's own MODEL / CLIP."""
+
+    slot: str
+    lora: str  # a LoRA name, BASE_CHOICE or SKIP_CHOICE
+    strength: float = 1.0
+    label: str = ""
+    model: Any = None
+    clip: Any = None
+
+    @property
+    def skipped(self) -> bool:
+        return self.lora == SKIP_CHOICE
+
+
+def columns_from_inputs(inputs: Mapping[str, Any]) -> list[ColumnChoice]:
+    """The three columns from the node's flat inputs (lora_a, strength_a, label_a, model_b, ...)."""
+    out = []
+    for slot in SLOTS:
+        s = slot.lower()
+        out.append(ColumnChoice(slot, inputs[f"lora_{s}"], float(inputs[f"strength_{s}"]), str(inputs[f"label_{s}"]),
+                                inputs.get(f"model_{s}"), inputs.get(f"clip_{s}")))
+    return out
 
 
 @dataclass(frozen=True)
@@ -75,22 +136,24 @@ class Variant:
     strength: float = 1.0
     label: str = ""
     own_model: bool = False  # this column's MODEL / CLIP come from its own inputs, not the base
+    warning: str = ""  # shown under the header, e.g. keys of the LoRA that ComfyUI did not load
 
     @property
     def header(self) -> str:
         model = f"model_{self.slot.lower()}" if self.own_model else "base"
         lora = f"{os.path.basename(self.lora)} @ {self.strength:.2f}" if self.lora else "no LoRA"
         head = f"{self.slot}: {self.label}" if self.label else f"{self.slot}: {model}"
-        return f"{head}\n{model} + {lora}" if self.label or self.lora or self.own_model else head
+        head = f"{head}\n{model} + {lora}" if self.label or self.lora or self.own_model else head
+        return f"{head}\n({self.warning})" if self.warning else head
 
 
-def variants_from(choices: Sequence[tuple[str, str, float, str, bool]]) -> list[Variant]:
-    """(slot, lora choice, strength, label, has own model) -> the enabled variants."""
-    out = []
-    for slot, choice, strength, label, own in choices:
-        if choice == SKIP_CHOICE:
-            continue
-        out.append(Variant(slot, None if choice == BASE_CHOICE else choice, float(strength), label.strip(), bool(own)))
+def variants_from(columns: Sequence[ColumnChoice]) -> list[Variant]:
+    """The enabled columns as variants."""
+    out = [
+        Variant(c.slot, None if c.lora == BASE_CHOICE else c.lora, float(c.strength), c.label.strip(), c.model is not None)
+        for c in columns
+        if not c.skipped
+    ]
     if not out:
         raise ValueError("every column is set to skip: enable at least one of A, B, C")
     return out
@@ -171,8 +234,14 @@ class Comparison:
         notes = self.cell_notes() if self.scores.metrics() else None
         return render_grid(cells, self.headers(), [row.label for row in self.rows], settings_title(self.settings), notes)
 
+    def win_rate_pairs(self) -> list[tuple[str, str]]:
+        """Every later column over every earlier one: B over A, C over A, C over B (ADT over FT)."""
+        slots = [v.slot for v in self.variants]
+        return [(slots[j], slots[i]) for j in range(len(slots)) for i in range(j)]
+
     def table_text(self) -> str:
-        """Markdown: per-variant means, win rates against A, then every image's scores."""
+        """Markdown: per-variant means ± std, win rates of every later column over every
+        earlier one, then every image's scores."""
         metrics = self.scores.metrics()
         lines = [settings_title(self.settings), ""]
         if not metrics:
@@ -183,17 +252,17 @@ class Comparison:
             cells = []
             for m in metrics:
                 s = self.scores.summary(m, v.slot)
-                cells.append(f"{_fmt(m, s.mean)} ± {s.std:.2f}" if s.count > 1 else _fmt(m, s.mean))
+                cells.append(mean_std_text(s.mean, s.std, _info(m).fmt) if s.count > 1 else _fmt(m, s.mean))
             lines.append(f"| {v.header.splitlines()[0]} | " + " | ".join(cells) + " |")
-        first = self.variants[0].slot
         if len(self.variants) > 1:
-            lines += ["", f"Win rate over {first} (per prompt, mean over seeds, ties count half):", ""]
-            for v in self.variants[1:]:
+            lines += ["", "Win rates (per prompt, mean over seeds; ties count half):", ""]
+            for later, earlier in self.win_rate_pairs():
                 parts = []
                 for m in metrics:
-                    w = self.scores.win_rate(m, v.slot, first)
-                    parts.append(f"{_label(m)} {100 * w.rate:.0f}% ({w.wins}/{w.ties}/{w.losses})" if w.prompts else f"{_label(m)} n/a")
-                lines.append(f"- {v.slot} over {first}: " + ", ".join(parts))
+                    w = self.scores.win_rate(m, later, earlier)
+                    counted = f"{w.wins} won, {w.ties} tied, {w.losses} lost of {w.prompts} prompts"
+                    parts.append(f"{_label(m)} {100 * w.rate:.0f}% ({counted})" if w.prompts else f"{_label(m)} n/a")
+                lines.append(f"- {later} over {earlier}: " + ", ".join(parts))
         lines += ["", "| prompt | seed | variant | " + " | ".join(_label(m) for m in metrics) + " |"]
         lines.append("| --- | ---: | --- |" + " ---: |" * len(metrics))
         for row in self.rows:
@@ -205,23 +274,38 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _info(metric: str) -> MetricInfo:
+    return METRICS.get(metric, MetricInfo(metric, True, "{:.3f}"))
+
+
 def _label(metric: str) -> str:
-    return METRICS[metric].label if metric in METRICS else metric
+    return _info(metric).label
 
 
 def _tag(metric: str) -> str:
-    return METRICS[metric].tag if metric in METRICS else metric
+    return _info(metric).tag
 
 
 def _fmt(metric: str, value: float) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
-    return (METRICS[metric].fmt if metric in METRICS else "{:.3f}").format(value)
+    return _info(metric).fmt.format(value)
 
 
-def empty_image_batch(height: int, width: int) -> torch.Tensor:
-    """A valid IMAGE with no images (for a skipped column): Save/Preview nodes write nothing."""
-    return torch.zeros((0, height, width, 3))
+def skipped_column_image(slot: str, height: int, width: int) -> torch.Tensor:
+    """What a skipped column's IMAGE output holds: one grey image saying so. (An empty
+    batch is not valid for ComfyUI's Save / Preview Image: they read images[0].)"""
+    from PIL import Image, ImageDraw
+
+    from adt_plugin.eval.grid import load_font, wrap
+
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    size = max(8, min(22, width // 12))
+    font = load_font(size)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(wrap(f"column {slot} skipped", font, width - 4, max_lines=3)):
+        draw.text((2, 2 + i * int(size * 1.3)), line, fill=(255, 255, 255), font=font)
+    return pil_to_image(image)
 
 
 def pil_to_image(image) -> torch.Tensor:
@@ -267,6 +351,103 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
+def file_stamp(path: str | os.PathLike) -> list:
+    """What changes when a file (or a model folder's files) is rewritten: path, size and
+    modification time of each. Nodes return it from IS_CHANGED / fingerprint_inputs, so
+    ComfyUI runs them again after a LoRA or discriminator was retrained under its name."""
+    path = Path(path)
+    if path.is_dir():
+        return [str(path), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()]]
+    if path.is_file():
+        stat = path.stat()
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+    return [str(path), None]
+
+
+# ---- how a LoRA fitted the model (ComfyUI's own key maps decide) -------------------------
+
+BUNDLED_EMBEDDINGS = "bundle_emb."  # textual inversions kohya can bundle in a LoRA; ComfyUI does not load them
+LORA_ADVICE = (
+    "use it with the checkpoint it was trained for (to apply it anyway, load it with a LoraLoader before this "
+    "node's model input and choose (base: no LoRA))"
+)
+
+
+class LoraDoesNotFit(ValueError):
+    """A LoRA with keys ComfyUI does not load into this model, or updates of the wrong shape."""
+
+
+@dataclass(frozen=True)
+class LoraFit:
+    name: str
+    path: str
+    keys: int  # tensors in the file
+    not_loaded: tuple[str, ...] = ()  # keys ComfyUI logged as "lora key not loaded"
+    wrong_shape: tuple[str, ...] = ()  # model weights the LoRA's update does not fit
+
+    @property
+    def missing(self) -> list[str]:
+        """Keys of LoRA layers that did not load (bundled embeddings are not layers)."""
+        return [k for k in self.not_loaded if not k.startswith(BUNDLED_EMBEDDINGS)]
+
+    def problem(self) -> Optional[str]:
+        """Why this LoRA must not be compared (the column would be the base model, all or in part)."""
+        what = f"LoRA {self.name!r} ({self.path})"
+        if self.missing:
+            return (f"{what} does not fit this model: ComfyUI loaded {self.keys - len(self.not_loaded)} of its {self.keys} "
+                    f"keys (not loaded: {', '.join(self.missing[:3])}{', ...' if len(self.missing) > 3 else ''}); {LORA_ADVICE}")
+        if self.wrong_shape:
+            return (f"{what} does not fit this model: its update has another shape than {len(self.wrong_shape)} of the "
+                    f"weights it names ({', '.join(self.wrong_shape[:3])}{', ...' if len(self.wrong_shape) > 3 else ''}); {LORA_ADVICE}")
+        return None
+
+    @property
+    def warning(self) -> str:
+        """What the column header says about keys left out that do not change the model."""
+        extra = len(self.not_loaded) - len(self.missing)
+        return f"{extra} bundled embedding keys not loaded" if extra else ""
+
+    def record(self) -> dict[str, Any]:
+        return {"keys": self.keys, "keys_loaded": self.keys - len(self.not_loaded), "not_loaded": list(self.not_loaded[:20])}
+
+
+def update_fits(patch: Any, shape: Sequence[int]) -> Optional[bool]:
+    """Whether one ComfyUI weight patch can be added to a weight of `shape`: a LoRA
+    (comfy.weight_adapter LoRAAdapter, `weights` = (up, down, alpha, mid, dora, reshape):
+    up @ down reshaped to the weight) or a ("diff", (tensor,)) patch. None: a kind this
+    check does not know (LoHa, LoKr, ...), left to ComfyUI."""
+    if type(patch).__name__ == "LoRAAdapter":
+        up, down, _alpha, mid, _dora, reshape = patch.weights[:6]
+        if mid is not None or reshape is not None:
+            return None
+        out, numel = shape[0] if shape else 1, math.prod(shape)
+        return up.shape[1] == down.shape[0] and up.shape[0] == out and up.shape[0] * down[0].numel() == numel
+    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
+        return tuple(patch[1][0].shape) == tuple(shape)
+    return None
+
+
+def wrong_shapes(before: Mapping[str, list], after: Mapping[str, list], weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The weights whose newly added patches do not fit them. `before` / `after` are a
+    ModelPatcher's `patches` ({key: [(strength, patch, strength_model, offset, function)]})
+    before and after the LoRA was added. ComfyUI itself notices only while sampling, logs
+    an error and leaves the weight unchanged, so the column would silently be the base."""
+    bad = []
+    for key, patches in after.items():
+        weight = weights.get(key)
+        if weight is None:
+            continue
+        for entry in patches[len(before.get(key, [])):]:
+            patch, offset = entry[1], entry[3]
+            shape = list(weight.shape)
+            if offset:  # (dim, start, length): a slice of a fused weight (SD3's qkv)
+                shape[offset[0]] = offset[2]
+            if update_fits(patch, shape) is False:
+                bad.append(key)
+                break
+    return bad
+
+
 # ---- provenance ---------------------------------------------------------------------------
 
 # widget inputs of loader nodes that name a model file, and the ComfyUI folder they live in
@@ -310,6 +491,7 @@ def provenance_record(
     model_sources: Mapping[str, Any],
     lora_hashes: Mapping[str, Optional[str]],
     versions: Mapping[str, str],
+    lora_fits: Optional[Mapping[str, LoraFit]] = None,
 ) -> dict[str, Any]:
     """Everything needed to reproduce the grid: versions, sampler settings, prompts,
     seeds, and per variant where its model came from and which LoRA (with hashes)."""
@@ -325,7 +507,10 @@ def provenance_record(
                 "slot": v.slot,
                 "label": v.label or None,
                 "model": model_sources.get(v.slot),
-                "lora": None if v.lora is None else {"name": v.lora, "strength": v.strength, "sha256": lora_hashes.get(v.lora)},
+                "lora": None if v.lora is None else {
+                    "name": v.lora, "strength": v.strength, "sha256": lora_hashes.get(v.lora),
+                    **((lora_fits or {})[v.slot].record() if v.slot in (lora_fits or {}) else {}),
+                },
             }
             for v in variants
         ],

@@ -41,6 +41,9 @@ class NodeSpec:
     outputs: Sequence[Out]
     run: Callable[..., tuple]  # run(hidden=Hidden, **inputs) -> outputs
     validate: Optional[Callable] = None  # classmethod body: validate(cls, <widget inputs>) -> True | str
+    # classmethod body: fingerprint(cls, **<widget inputs>) -> a value that changes when a file
+    # the node reads changed (V1 IS_CHANGED, V3 fingerprint_inputs); ComfyUI reruns the node then
+    fingerprint: Optional[Callable] = None
     category: str = CATEGORY
 
 
@@ -99,6 +102,8 @@ def build_v1(spec: NodeSpec) -> type:
     }
     if spec.validate is not None:
         attrs["VALIDATE_INPUTS"] = classmethod(spec.validate)
+    if spec.fingerprint is not None:
+        attrs["IS_CHANGED"] = classmethod(spec.fingerprint)
     return type(spec.node_id, (), attrs)
 
 
@@ -153,4 +158,6 @@ def build_v3(spec: NodeSpec, io) -> type:
     attrs = {"define_schema": classmethod(define_schema), "execute": classmethod(execute)}
     if spec.validate is not None:
         attrs["validate_inputs"] = classmethod(spec.validate)
+    if spec.fingerprint is not None:
+        attrs["fingerprint_inputs"] = classmethod(spec.fingerprint)
     return type(spec.node_id, (io.ComfyNode,), attrs)

@@ -23,8 +23,9 @@ def test_doctor_fails_when_a_check_fails(monkeypatch, capsys):
 
 def test_doctor_finds_a_local_backbone_folder(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     main(["doctor", "--no-selfcheck", "--backbone", str(tmp_path)])
-    assert f"[ ok ] DINOv2 backbone: {tmp_path}" in capsys.readouterr().out
+    assert f"[ ok ] DINOv2 backbone: local folder {tmp_path}" in capsys.readouterr().out
 
 
 def test_unknown_command_is_an_error():

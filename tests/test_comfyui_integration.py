@@ -38,6 +38,11 @@ pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a Comfy
 REPO = Path(__file__).resolve().parents[1]
 CKPT, LORA = "adt_tiny_sd15.safetensors", "adt_tiny_lora.safetensors"
 DISC = "adt_tiny_lora.adt_disc.safetensors"
+WRONG_SHAPES = "adt_tiny_lora_wrong_shapes.safetensors"  # LORA's names with another model's widths
+RETRAINED = "adt_tiny_lora_retrained.safetensors"  # rewritten under its name between two runs
+CKPT_SD3 = "adt_tiny_sd3.safetensors"
+LORA_SD3 = "adt_tiny_sd3_lora.safetensors"  # what adt train writes for SD3 (diffusers' layout)
+LORA_SD3_KOHYA = "adt_tiny_sd3_lora_sd_scripts.safetensors"  # the same LoRA in sd-scripts' layout (fused qkv)
 
 
 def _free_port() -> int:
@@ -76,7 +81,12 @@ def _build_base_directory(base: Path) -> None:
         (models / sub).mkdir(parents=True)
     checkpoint, unet, text = build_checkpoint(seed=0)
     save_file(checkpoint, str(models / "checkpoints" / CKPT))
-    save_file(kohya_lora_for(unet, text, rank=4, scale=0.3), str(models / "loras" / LORA))
+    lora = kohya_lora_for(unet, text, rank=4, scale=0.3)
+    save_file(lora, str(models / "loras" / LORA))
+    save_file(kohya_lora_for(unet, text, rank=4, scale=0.3, seed=1), str(models / "loras" / RETRAINED))
+    wider = {k: torch.zeros(4, 2 * v.shape[1]) if k.endswith("lora_down.weight") and k.startswith("lora_unet_") else v for k, v in lora.items()}
+    save_file(wider, str(models / "loras" / WRONG_SHAPES))
+    _build_sd3_files(models)
     metrics = models / "adt_metrics"
     tiny_clip_folder(metrics / "clip-vit-large-patch14")
     torch.save(AestheticHead(embed_dim=8).state_dict(), metrics / "sac+logos+ava1-l14-linearMSE.pth")
@@ -86,6 +96,29 @@ def _build_base_directory(base: Path) -> None:
     save_discriminator(models / "loras" / DISC, strategy)
     (base / "custom_nodes").mkdir()
     os.symlink(REPO / "comfyui_nodes", base / "custom_nodes" / "adt_compare")
+
+
+def _build_sd3_files(models: Path) -> None:
+    """A tiny SD3 checkpoint and one LoRA on it, in adt train's layout and in sd-scripts'."""
+    from safetensors.torch import save_file
+    from tiny_comfy import build_sd3_checkpoint
+
+    from adt_plugin.train.config import LoraConfig
+    from adt_plugin.train.keymap import KOHYA
+    from adt_plugin.train.lora import add_lora, to_kohya
+    from adt_plugin.train.models import FAMILIES
+
+    checkpoint, transformer = build_sd3_checkpoint(seed=0)
+    save_file(checkpoint, str(models / "checkpoints" / CKPT_SD3))
+    config = LoraConfig(rank=4, alpha=4.0)
+    add_lora(transformer, FAMILIES["sd3"], config)
+    generator = torch.Generator().manual_seed(2)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.3
+    save_file(to_kohya(FAMILIES["sd3"], transformer, config.alpha, torch.float32), str(models / "loras" / LORA_SD3))
+    kohya = to_kohya(FAMILIES["sd3"], transformer, config.alpha, torch.float32, fmt=KOHYA)
+    save_file(kohya, str(models / "loras" / LORA_SD3_KOHYA))
 
 
 @pytest.fixture(scope="module", params=["v3", "v1"])
@@ -98,7 +131,9 @@ def server(request, tmp_path_factory):
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
     with open(log_path, "w") as log:
-        env = {**os.environ, "ADT_COMFYUI_NODE_API": request.param}
+        # this checkout's adt_plugin, not one installed in ComfyUI's Python from elsewhere
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "ADT_COMFYUI_NODE_API": request.param, "PYTHONPATH": pythonpath}
         process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -122,7 +157,8 @@ def server(request, tmp_path_factory):
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def _run_prompt(url: str, prompt: dict, timeout: float = 900) -> dict:
+def _run_prompt(url: str, prompt: dict, timeout: float = 900, fails: bool = False):
+    """The outputs of a finished prompt; with `fails`, the error message it must end with."""
     status, reply = _post(url, "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
     assert status == 200, reply
     prompt_id = reply["prompt_id"]
@@ -131,11 +167,34 @@ def _run_prompt(url: str, prompt: dict, timeout: float = 900) -> dict:
         history = json.loads(_get(url, f"/history/{prompt_id}"))
         if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
             entry = history[prompt_id]
+            if fails:
+                assert entry["status"]["status_str"] == "error", "the workflow should have failed"
+                errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+                return errors[0]["exception_message"]
             if entry["status"]["status_str"] != "success":
                 pytest.fail(f"the workflow failed: {json.dumps(entry['status']['messages'])[-4000:]}")
             return entry["outputs"]
         time.sleep(2)
     pytest.fail("the workflow did not finish in time")
+
+
+def _compare_prompt(ckpt: str, **inputs) -> dict:
+    """The example's checkpoint loader and comparison node (64 px, 2 steps, one row), a
+    SaveImage on the grid and on each column that is not skipped (nodes 30-33), a
+    PreviewAny on the provenance (35)."""
+    prompt = json.loads((REPO / "tests" / "comfyui" / "adt_compare_abc_api.json").read_text())
+    compare = prompt["2"]
+    compare["inputs"].update(
+        prompts="a cat", negative="", seed=7, seeds_per_prompt=1, steps=2, cfg=3.0, sampler_name="euler", scheduler="normal",
+        width=64, height=64, lora_a="(base: no LoRA)", label_a="base", lora_b="(skip this column)", lora_c="(skip this column)",
+    )
+    compare["inputs"].update(inputs)
+    out = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, "2": compare}
+    for i, name in enumerate(["grid", "a", "b", "c"]):
+        if i == 0 or compare["inputs"][f"lora_{name}"] != "(skip this column)":
+            out[str(30 + i)] = {"class_type": "SaveImage", "inputs": {"images": ["2", i], "filename_prefix": f"cmp_{name}"}}
+    out["35"] = {"class_type": "PreviewAny", "inputs": {"source": ["2", 5]}}
+    return out
 
 
 def _image(url: str, entry: dict) -> np.ndarray:
@@ -227,22 +286,74 @@ def test_example_workflow_runs_on_a_tiny_checkpoint(server):
 
     grid = _image(url, outputs["8"]["images"][0])  # the plain grid (PreviewImage)
     scored = _image(url, outputs["7"]["images"][0])  # the grid with every score drawn on it
-    assert grid.shape == scored.shape and grid.shape[1] == 120 + 3 * (64 + 4) + 4
-    top = grid.shape[0] - 2 * (64 + 4)  # title and headers above the two rows
-    cell = grid[top:top + 64, 124:188]
-    assert np.abs(cell - a[0]).max() <= 1  # the grid shows column A's first image (rounding only)
-    assert not np.array_equal(grid, scored)
+    zoom = 3  # 64 px cells are shown at 192 px (whole pixels), so their labels fit
+    cell_px = 64 * zoom
+    assert grid.shape[1] == scored.shape[1] == cell_px + 3 * (cell_px + 4) + 4
+    top = grid.shape[0] - 2 * (cell_px + 4)  # title and headers above the two rows
+    cell = grid[top:top + cell_px, cell_px + 4:2 * cell_px + 4]
+    assert np.abs(cell[::zoom, ::zoom] - a[0]).max() <= 1  # the grid shows column A's first image (rounding only)
+    assert grid.shape != scored.shape or not np.array_equal(grid, scored)  # means in the headers, scores on the cells
 
     table = outputs["9"]["text"][0]
-    for expected in ("CLIP score", "Aesthetic", "ADT D score", "B over A", "HPSv2 skipped", "| a dog | 42 | C |"):
+    for expected in ("CLIP score", "Aesthetic", "ADT D score", "- B over A:", "- C over B:", "won,", "HPSv2 skipped", "| a dog | 42 | C |"):
         assert expected in table, (expected, table)
     provenance = json.loads(outputs["10"]["text"][0])
     ckpt = provenance["variants"][0]["model"]["loaded_by"][0]
     assert ckpt["class_type"] == "CheckpointLoaderSimple" and ckpt["ckpt_name"] == CKPT
     assert ckpt["ckpt_name_sha256"] == _sha256(base / "models" / "checkpoints" / CKPT)
     assert provenance["variants"][1]["lora"]["sha256"] == _sha256(base / "models" / "loras" / LORA)
+    assert provenance["variants"][1]["lora"]["keys"] == provenance["variants"][1]["lora"]["keys_loaded"] > 0
     assert provenance["seeds"] == [42] and provenance["versions"]["comfyui"]
     assert "lora key not loaded" not in server["log"].read_text()
+
+
+def test_a_lora_that_does_not_fit_stops_the_comparison_naming_it(server):
+    """It used to leave its column equal to the base, with status success."""
+    base = server["base"]
+    for lora, why in ((LORA_SD3, "ComfyUI loaded 0 of its"), (WRONG_SHAPES, "its update has another shape than")):
+        message = _run_prompt(server["url"], _compare_prompt(CKPT, lora_b=lora, label_b="other"), fails=True)
+        assert f"column B: LoRA '{lora}' ({base / 'models' / 'loras' / lora}) does not fit this model: {why}" in message, message
+        assert "the checkpoint it was trained for" in message
+
+
+def test_a_skipped_column_feeds_preview_image(server):
+    """A skipped column's IMAGE went into PreviewImage as an empty batch (IndexError)."""
+    prompt = _compare_prompt(CKPT, lora_b=LORA, label_b="FT")
+    prompt["36"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 3]}}  # column C is skipped
+    outputs = _run_prompt(server["url"], prompt)
+    skipped = [_image(server["url"], e) for e in outputs["36"]["images"]]
+    assert len(skipped) == 1 and skipped[0].shape == (64, 64, 3) and skipped[0].std() > 0  # grey, with its label
+
+
+def test_requeueing_after_the_lora_was_retrained_runs_again(server):
+    """A LoRA rewritten under its name was served from ComfyUI's cache with the old sha256."""
+    url, path = server["url"], server["base"] / "models" / "loras" / RETRAINED
+    prompt = _compare_prompt(CKPT, lora_b=RETRAINED, label_b="FT")
+    first = _run_prompt(url, prompt)
+    provenance = json.loads(first["35"]["text"][0])
+    assert provenance["variants"][1]["lora"]["sha256"] == _sha256(path)
+    before = _image(url, first["32"]["images"][0])
+
+    from safetensors.torch import load_file, save_file
+
+    retrained = {k: v * 2 if k.endswith("lora_up.weight") else v for k, v in load_file(str(path)).items()}
+    save_file(retrained, str(path))
+    again = _run_prompt(url, prompt)
+    assert json.loads(again["35"]["text"][0])["variants"][1]["lora"]["sha256"] == _sha256(path)
+    assert not np.array_equal(_image(url, again["32"]["images"][0]), before)
+
+
+def test_an_sd3_lora_loads_in_comfyui_in_both_layouts(server):
+    """adt train's SD3 layout (diffusers' keys) and sd-scripts' (fused qkv): every key
+    loads, both change the image the same way."""
+    prompt = _compare_prompt(CKPT_SD3, lora_b=LORA_SD3, label_b="adt train", lora_c=LORA_SD3_KOHYA, label_c="sd-scripts")
+    outputs = _run_prompt(server["url"], prompt)
+    a, b, c = (_image(server["url"], outputs[str(31 + i)]["images"][0]) for i in range(3))
+    assert a.shape == (64, 64, 3) and np.abs(b - a).max() > 8  # the LoRA changes the image ...
+    assert np.abs(c - b).max() <= 2  # ... the same in either layout (fp16 rounding only)
+    provenance = json.loads(outputs["35"]["text"][0])
+    for variant in provenance["variants"][1:]:
+        assert variant["lora"]["keys"] == variant["lora"]["keys_loaded"] > 0
 
 
 def test_paths_outside_the_model_folders_are_refused_before_running(server):
@@ -258,3 +369,13 @@ def test_paths_outside_the_model_folders_are_refused_before_running(server):
         assert set(reply["node_errors"]) == {"2"}
         details = json.dumps(reply["node_errors"]["2"])
         assert f"lora_b: LoRA '{bad}' is not a name inside ComfyUI" in details
+
+
+def test_a_cut_off_lora_is_refused_before_running_naming_the_file(server):
+    """ComfyUI's own error for a broken safetensors file named no file."""
+    path = server["base"] / "models" / "loras" / "adt_tiny_lora_cut.safetensors"
+    path.write_bytes((server["base"] / "models" / "loras" / LORA).read_bytes()[:64])
+    status, reply = _post(server["url"], "/prompt", {"prompt": _compare_prompt(CKPT, lora_b=path.name)})
+    assert status == 400 and set(reply["node_errors"]) == {"2"}
+    details = json.dumps(reply["node_errors"]["2"])
+    assert f"lora_b: LoRA '{path.name}' ({path}) cannot be read" in details and "save or download it again" in details

@@ -155,3 +155,78 @@ def test_adt_eval_reads_a_single_file_checkpoint_like_its_folder(workspace, tmp_
     assert len(from_file) == len(from_folder) == 2
     for a, b in zip(from_file, from_folder):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.fixture(scope="module")
+def sd3_workspace(tmp_path_factory):
+    """A tiny SD3 pipeline and one trained-looking LoRA in both SD3 layouts: diffusers'
+    (what `adt train` writes) and sd-scripts' (q, k, v fused; diffusers cannot read it)."""
+    from diffusers import SD3Transformer2DModel
+    from tiny_pipelines import make_pipeline
+
+    from adt_plugin.train.config import LoraConfig
+    from adt_plugin.train.keymap import KOHYA
+    from adt_plugin.train.lora import add_lora, to_kohya
+    from adt_plugin.train.models import FAMILIES
+
+    root = tmp_path_factory.mktemp("eval_sd3")
+    folder = make_pipeline("sd3", root / "sd3")
+    transformer = SD3Transformer2DModel.from_pretrained(str(folder / "transformer"))
+    config = LoraConfig(rank=4, alpha=2.0)
+    add_lora(transformer, FAMILIES["sd3"], config)
+    generator = torch.Generator().manual_seed(1)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.3
+    save_file(to_kohya(FAMILIES["sd3"], transformer, config.alpha, torch.float32), str(root / "adt.safetensors"))
+    save_file(to_kohya(FAMILIES["sd3"], transformer, config.alpha, torch.float32, fmt=KOHYA), str(root / "sd_scripts.safetensors"))
+    (root / "prompts.txt").write_text("a cat\n")
+    return root
+
+
+def _eval_sd3(ws, out, models):
+    return main([
+        "eval", "--prompts", str(ws / "prompts.txt"), "--out", str(out), "--models", models, "--base-model", str(ws / "sd3"),
+        "--seeds", "0", "--steps", "2", "--cfg", "1", "--sampler", "flow_euler",
+    ])
+
+
+def test_adt_eval_applies_an_sd3_lora_in_either_layout(sd3_workspace, tmp_path, capsys):
+    """Before: diffusers loaded nothing from the SD3 file and eval exited 2 ("Adapter name(s)
+    {'adt_eval'} not in the list of present adapters")."""
+    ws = sd3_workspace
+    models = f"base,adt=+{ws / 'adt.safetensors'},kohya=+{ws / 'sd_scripts.safetensors'},zero=+{ws / 'adt.safetensors'}@0"
+    assert _eval_sd3(ws, tmp_path / "out", models) == 0, capsys.readouterr().out
+    image = {m: np.asarray(Image.open(tmp_path / "out" / "images" / m / "p00000_s0.png")).astype(int) for m in ("base", "adt", "kohya", "zero")}
+    assert np.array_equal(image["base"], image["zero"])
+    assert np.abs(image["adt"] - image["base"]).max() > 8  # the LoRA changes the image ...
+    assert np.abs(image["kohya"] - image["adt"]).max() <= 1  # ... the same in sd-scripts' layout (float rounding only)
+
+
+def test_adt_eval_refuses_a_lora_that_does_not_fit_or_cannot_be_read(sd3_workspace, workspace, tmp_path, capsys):
+    ws = sd3_workspace
+    assert _eval_sd3(ws, tmp_path / "a", f"sd1lora=+{workspace / 'ft.safetensors'}") == 2  # an SD1 LoRA on SD3
+    printed = capsys.readouterr().out
+    assert f"model 'sd1lora': LoRA file {workspace / 'ft.safetensors'}" in printed and "use it with the model it was trained for" in printed
+    assert not list((tmp_path / "a").glob("images/*/*.png"))
+
+    lora = load_file_dict(ws / "adt.safetensors")
+    lora["transformer.transformer_blocks.9.attn.to_q.lora_A.weight"] = torch.zeros(4, 16)  # a block this model lacks
+    lora["transformer.transformer_blocks.9.attn.to_q.lora_B.weight"] = torch.zeros(16, 4)
+    save_file(lora, str(tmp_path / "extra.safetensors"))
+    assert _eval_sd3(ws, tmp_path / "b", f"extra=+{tmp_path / 'extra.safetensors'}") == 2
+    printed = capsys.readouterr().out
+    assert f"LoRA file {tmp_path / 'extra.safetensors'}" in printed and "of its" in printed
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((ws / "adt.safetensors").read_bytes()[:100])
+    assert _eval_sd3(ws, tmp_path / "c", f"base,bad=+{corrupt}") == 2  # refused before any model loads
+    printed = capsys.readouterr().out
+    assert f"model 'bad': LoRA file {corrupt} cannot be read" in printed and "save or download it again" in printed
+    assert not (tmp_path / "c" / "images").exists()
+
+
+def load_file_dict(path):
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path)))

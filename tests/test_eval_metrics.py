@@ -114,7 +114,7 @@ def test_dinov2_features_are_the_cls_token_of_a_local_folder(tmp_path):
     pixels = normalize(resize(images, 28), IMAGENET_MEAN, IMAGENET_STD)
     cls = features.model(pixel_values=pixels).last_hidden_state[:, 0]  # transformers applies the final norm
     assert torch.allclose(out, cls, atol=1e-5) and not torch.allclose(out[0], out[1])
-    with pytest.raises(WeightsNotFound, match="dinov2-large.*huggingface-cli download facebook/dinov2-large"):
+    with pytest.raises(WeightsNotFound, match="nowhere.*dinov2-large.*hf download facebook/dinov2-large"):
         load_dinov2_features(tmp_path / "nowhere")
 
 

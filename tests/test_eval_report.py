@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from adt_plugin.eval.chart import bar_chart
-from adt_plugin.eval.grid import load_font, plan_grid, render_grid, text_width, wrap
+from adt_plugin.eval.grid import MIN_CELL, display_zoom, load_font, plan_grid, render_grid, text_width, wrap
 from adt_plugin.eval.report import markdown, report_json, win_rate_pairs, write_report
 from adt_plugin.eval.scores import ScoreTable
 from adt_plugin.eval.suite import EvalResult
@@ -39,7 +40,8 @@ def test_render_grid_puts_each_image_in_its_cell_with_labels():
     cells = [[Image.new("RGB", (64, 64), COLOURS[c]) for c in range(3)] for _ in range(2)]
     cells[1][2] = None
     grid = render_grid(cells, ["A: base", "B: ft.safetensors @1.00", "C: adt"], ["a red barn\nseed 0", "a cat\nseed 1"], title="euler 20 steps")
-    layout = plan_grid(2, 3, (64, 64), 1, 1, int(max(11, min(22, 64 // 20)) * 1.35))
+    shown = 64 * display_zoom((64, 64))  # small images are shown enlarged
+    layout = plan_grid(2, 3, (shown, shown), 1, 1, int(max(11, min(22, shown // 20)) * 1.35))
     assert grid.size[0] == layout.width
     for r in range(2):
         for c in range(3):
@@ -50,6 +52,23 @@ def test_render_grid_puts_each_image_in_its_cell_with_labels():
     assert header_band.getextrema()[0][0] < 100  # text was drawn in the header band
     label_band = grid.crop((0, layout.cell_box(0, 0)[1], layout.label_width - 2, grid.size[1]))
     assert label_band.getextrema()[0][0] < 100
+
+
+def test_small_images_are_enlarged_pixel_by_pixel_so_labels_fit():
+    """64 px ComfyUI cells used to cut their headers into fragments ending in '…'."""
+    assert display_zoom((16, 16)) == 10 and display_zoom((64, 48)) == 4 and display_zoom((512, 512)) == 1
+    tiny = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    header = "B: FT\nbase + adt_tiny_lora.safetensors @ 1.00"
+    grid = render_grid([[tiny]], [header], ["seed 42\na photograph of an astronaut riding a horse"])
+    size = 16 * display_zoom(tiny.size)
+    layout = plan_grid(1, 1, (size, size), 1, 0, 14)
+    assert grid.width == layout.width and size >= MIN_CELL
+    x0, y1 = layout.cell_box(0, 0)[0], grid.height - layout.gap
+    cell = grid.crop((x0, y1 - size, x0 + size, y1))
+    assert cell.resize((16, 16), Image.NEAREST).tobytes() == tiny.tobytes()  # whole pixel blocks, nothing blurred
+    font = load_font(max(11, min(22, size // 20)))
+    lines = wrap(header, font, size - 8)
+    assert "adt_tiny_lora.safetensors" in " ".join(lines).split() and not any("…" in line for line in lines)
 
 
 def test_notes_are_drawn_over_the_bottom_of_a_cell():

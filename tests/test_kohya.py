@@ -3,7 +3,9 @@
 
 import argparse
 import dataclasses
+import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -369,7 +371,7 @@ class NetworkTrainer:
 '''
 
 
-def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monkeypatch):
+def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(dinov2, tmp_path, monkeypatch):
     root = tmp_path / "sd-scripts"
     (root / "library").mkdir(parents=True)
     (root / "library" / "__init__.py").write_text("")
@@ -381,7 +383,8 @@ def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monke
     for name in ("train_network", "library", "library.train_util"):
         monkeypatch.delitem(__import__("sys").modules, name, raising=False)
     # what the kohya_ss GUI hands over after `-m adt_plugin.kohya.launch`
-    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4"]
+    argv = GUI_TAIL + [str(root / "train_network.py"), "--config_file", str(config), "--output_dir", "out", "--adt_g_every", "4",
+                       "--adt_backbone_path", str(dinov2), "--adt_taps", "1", "3"]
     monkeypatch.setattr("sys.argv", ["adt_plugin.kohya.launch", *argv])
     assert launch.main() == 0
     import train_network
@@ -389,3 +392,47 @@ def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(tmp_path, monke
     args = train_network.SEEN["args"]
     assert args.learning_rate == 0.001 and args.output_dir == "out"
     assert args.adt_g_every == 4 and args.adt_lambda_diff == 0.25  # the command line wins over the TOML
+
+
+# -- a stale `-m adt_plugin.kohya.launch` (kohya_ss GUI: a stock preset after an ADT preset) --------
+FAKE_PLAIN_SCRIPT = '''
+import json, sys
+if __name__ == "__main__":
+    with open(sys.argv[sys.argv.index("--output_dir") + 1], "w") as f:
+        json.dump({"argv": sys.argv, "path0": sys.path[0]}, f)
+'''
+
+
+def test_without_adt_options_the_launcher_runs_the_script_unchanged(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "sd-scripts"
+    root.mkdir()
+    (root / "train_network.py").write_text(FAKE_PLAIN_SCRIPT)
+    (root / "flux_train_network.py").write_text(FAKE_PLAIN_SCRIPT)  # not a family ADT trains: still runs
+    config = tmp_path / "config_lora.toml"
+    config.write_text('[training]\nlearning_rate = 0.001\nadditional_network_arguments = "x"\n')
+    monkeypatch.setattr("sys.path", list(sys.path))
+    for script in ("train_network.py", "flux_train_network.py"):
+        seen = tmp_path / f"{script}.json"
+        # what the GUI launches after a stock preset cleared "Additional parameters"
+        argv = GUI_TAIL + [str(root / script), "--config_file", str(config), "--output_dir", str(seen)]
+        monkeypatch.setattr("sys.argv", ["adt_plugin.kohya.launch", *argv])
+        assert launch.main() == 0
+        ran = json.loads(seen.read_text())
+        assert ran["argv"] == [str(root / script), "--config_file", str(config), "--output_dir", str(seen)]
+        assert ran["path0"] == str(root)
+        assert "ADT is off" in capsys.readouterr().out
+
+
+def test_adt_is_on_with_an_option_or_a_config_key_only():
+    assert launch.adt_requested(["--config_file", "missing.toml", "--adt_strategy", "ft"])
+    assert launch.adt_requested(["--help"])
+    assert not launch.adt_requested(["--config_file", "missing.toml", "--learning_rate", "1e-4"])
+
+
+def test_an_adt_key_in_the_config_file_turns_adt_on(tmp_path):
+    config = tmp_path / "lora.toml"
+    config.write_text("[training]\nlearning_rate = 0.001\n")
+    assert not launch.adt_requested(["--config_file", str(config)])
+    config.write_text("[training]\nlearning_rate = 0.001\n[adt]\nadt_g_every = 3\n")
+    assert launch.adt_requested(["--config_file", str(config)])
+    assert launch.adt_requested([f"--config_file={tmp_path / 'lora'}"])  # sd-scripts adds .toml

@@ -86,7 +86,7 @@ def test_section_warns_about_unknown_keys(capsys):
     assert cfg.adt.lambda_diff == 0.5
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "presets" / "onetrainer").rglob("#*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "adt_plugin" / "presets" / "onetrainer").rglob("#*.json")), ids=lambda p: p.name)
 def test_presets_load_into_a_valid_adt_section(path):
     cfg = config()
     cfg.adt.enabled = False

@@ -124,7 +124,7 @@ def test_build_strategy_loads_the_backbone_only_for_adt():
 
 
 def test_missing_dinov2_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="DINOv2 backbone not found at .*nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"DINOv2 backbone '.*nowhere': no such folder .*hf download facebook/dinov2-small"):
         build_strategy(AdtSettings(backbone_path=str(tmp_path / "nowhere")), DDPM_CONFIG)
 
 
@@ -158,7 +158,7 @@ def test_decoder_path_decodes_with_a_tiny_autoencoder_instead_of_the_models_vae(
     assert decoded == [] and strategy.decoder is not None  # the model's own decode was never called
     out.loss.backward()
     assert all(p.grad is not None for p in model.net.parameters())  # the gradient went through the tiny decoder
-    with pytest.raises(FileNotFoundError, match="not a diffusers AutoencoderTiny folder.*madebyollin/taesd"):
+    with pytest.raises(FileNotFoundError, match=r"decoder_path.*no such folder.*hf download madebyollin/taesd"):
         build_strategy(settings(decoder_path=str(tmp_path / "nope")), DDPM_CONFIG, backbone=tiny_dinov2())
 
 

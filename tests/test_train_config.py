@@ -65,7 +65,8 @@ def test_layers_preset_then_file_then_overrides(tmp_path):
     assert config.train.learning_rate == 2e-6  # file beats preset
     assert config.train.max_steps == 7 and config.adt.guidance_scale == 3.0
     assert config.adt.num_inference_steps == 50 and config.train.batch_size == 8  # from the preset chain
-    assert config.sources[:2] == ("preset sd15-ddim50-adt", "preset sd15-ddim50-ft")
+    assert config.sources[:4] == (
+        "preset families/paper", "preset families/sd1", "preset sd15-ddim50-adt", "preset sd15-ddim50-ft")
 
 
 def test_override_parsing():

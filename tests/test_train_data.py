@@ -2,6 +2,8 @@
 
 from itertools import islice
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -67,8 +69,13 @@ def test_check_mode_validates_without_loading_weights(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')  # no weights at all
+    backbone = tmp_path / "dinov2"  # the backbone is checked from its config.json alone
+    backbone.mkdir()
+    (backbone / "config.json").write_text('{"num_hidden_layers": 12, "hidden_size": 384}')
+    (backbone / "model.safetensors").write_bytes(b"")
     config = tmp_path / "run.toml"
-    config.write_text(f'[model]\npath = "{model}"\n[data]\nfolder = "{tmp_path / "data"}"\nresolution = 64\n')
+    config.write_text(f'[model]\npath = "{model}"\n[data]\nfolder = "{tmp_path / "data"}"\nresolution = 64\n'
+                      f'[adt]\nbackbone_path = "{backbone}"\n')
     assert main(["train", "--config", str(config), "--check", "adt.sampler=flow_euler"]) == 0
     out = capsys.readouterr().out
     assert "config OK" in out and "(sd3)" in out
@@ -116,3 +123,36 @@ def test_caption_dropout_and_random_crop_are_reproducible(tmp_path):
     assert [s["caption"] for s in a] == [s["caption"] for s in b]
     assert "" in [data.caption_for(i, e) for i in range(4) for e in range(4)]
     assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(a, b))
+
+
+def test_16_bit_greyscale_pngs_keep_their_values(tmp_path):
+    import numpy as np
+
+    values = np.full((64, 64), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    (tmp_path / "grey16.txt").write_text("grey")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")  # what PIL gives for it
+    report = scan_folder(tmp_path)
+    assert [i.path.name for i in report.items] == ["grey16.png"]
+    pixels = prepare_image(tmp_path / "grey16.png", (64, 64)).pixels
+    # 32768 / 257 = 127.5 -> 128 in 8 bits -> 128 / 127.5 - 1; PIL's plain RGB conversion gives white (+1)
+    torch.testing.assert_close(pixels, torch.full((3, 64, 64), 128 / 127.5 - 1))
+
+
+def test_exif_orientation_turns_the_image_upright(tmp_path):
+    from PIL import ImageOps
+
+    stored = Image.new("RGB", (64, 32), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 32, 32))  # left half blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100, subsampling=0)
+    (tmp_path / "photo.txt").write_text("a photo")
+    shown = ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg")).convert("RGB")
+    assert shown.size == (32, 64)
+    item = scan_folder(tmp_path, min_image_size=16).items[0]
+    assert (item.width, item.height) == (32, 64)  # the bucket is chosen for the upright image
+    prepared = prepare_image(tmp_path / "photo.jpg", (32, 64))
+    assert prepared.original_size == (64, 32)
+    expected = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    torch.testing.assert_close(prepared.pixels, expected)

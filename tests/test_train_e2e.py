@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_pipelines import make_image_folder, make_pipeline, one_thread, save_tiny_dinov2, write_sd1_single_file  # noqa: F401 (one_thread: an autouse fixture)
 
 from adt_plugin.checkpoint import disc_path_for, load_discriminator
 from adt_plugin.cli import main
 from adt_plugin.strategies import STRATEGIES, build_strategy
+from adt_plugin.train import loop
 from adt_plugin.train.config import load_run_config
-from adt_plugin.train.loop import Trainer, train
+from adt_plugin.train.loop import train
 
 SAMPLERS = {"sd1": "ddim", "sd2": "euler", "sdxl": "dpmsolver++", "sd3": "flow_euler"}
+PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow"}  # the tiny sd2 predicts v
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +88,15 @@ def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, 
     assert any("uncaptioned.png: no caption file (expected uncaptioned.txt)" in m for m in messages)
     assert any(m.endswith("; 2 skipped") for m in messages)
     assert "2 images were skipped" in messages[-1]  # and again at the end
+    assert any(f" ({PREDICTION[family]}), lora: " in m for m in messages)  # the start line
 
     lora = load_file(out / "tiny.safetensors")
-    assert lora and all(k.startswith("lora_unet_") for k in lora)
-    assert any(k.endswith(".lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())  # B moved off zero
-    if family == "sd3":
-        assert any("joint_blocks_0_x_block_attn_qkv" in k for k in lora)
+    with safe_open(str(out / "tiny.safetensors"), "pt") as handle:
+        stored = handle.metadata()["modelspec.prediction_type"]
+    assert stored == {"v_prediction": "v"}.get(PREDICTION[family], PREDICTION[family])
+    prefix, up = ("transformer.", ".lora_B.weight") if family == "sd3" else ("lora_unet_", ".lora_up.weight")
+    assert lora and all(k.startswith(prefix) for k in lora)  # SD3: diffusers' layout, the one diffusers reads
+    assert any(k.endswith(up) and v.abs().sum() > 0 for k, v in lora.items())  # B moved off zero
     scalars = read_scalars(out)
     assert [s["step"] for s in scalars] == [1, 2, 3, 4]
     assert {"loss/diff", "lr/G", "time/step_s", "memory/peak_gb"} <= scalars[-1].keys()
@@ -112,14 +118,15 @@ def test_each_family_trains_a_lora_with_each_strategy(assets, tmp_path, family, 
         assert not disc_file.exists()
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
 def test_trained_lora_loads_in_the_diffusers_pipeline_and_changes_its_output(assets, tmp_path, family):
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "out"
     config, _ = config_for(assets, out, family, "adt", ["train.max_steps=2", "adt.g_every=1"])
     train(config, echo=lambda m: None)
-    pipe = DiffusionPipeline.from_pretrained(str(assets["models"][family]), local_files_only=True)
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # the tiny SD3 has no T5
+    pipe = DiffusionPipeline.from_pretrained(str(assets["models"][family]), local_files_only=True, **no_t5)
 
     def image():
         return pipe(
@@ -155,6 +162,9 @@ def test_resumed_run_equals_an_uninterrupted_run(assets, tmp_path):
     sa = load_file(tmp_path / "straight" / "tiny-step00000006-state" / "trainable.safetensors")
     sb = load_file(tmp_path / "resumed" / "tiny-step00000006-state" / "trainable.safetensors")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the float32 weights, not only the fp16 file
+    # the count of generator updates goes on from the state (g_every = 2: steps 2, 4, 6)
+    generator_steps = [read_scalars(tmp_path / run)[-1]["adt/generator_steps"] for run in ("straight", "resumed")]
+    assert generator_steps == [3, 3] and read_scalars(tmp_path / "resumed")[0]["adt/generator_steps"] == 2
     # and the check can fail: a run with another seed ends elsewhere
     other, _ = config_for(assets, tmp_path / "other", overrides=["train.max_steps=6", "adt.seed=1"])
     train(other, echo=lambda m: None)
@@ -172,22 +182,22 @@ def test_resume_refuses_a_state_of_another_run(assets, tmp_path):
 
 def test_ctrl_c_saves_a_resumable_state_and_the_model(assets, tmp_path, monkeypatch):
     config, _ = config_for(assets, tmp_path / "out", overrides=["train.max_steps=5"])
-    original = Trainer.iteration
+    original = loop.train_step
 
-    def iteration(self, batch):
-        out = original(self, batch)
-        if self.step == 1:  # during the second step, as a user's Ctrl-C would arrive
+    def train_step(config, model, strategy, optim, procs, batch, step):
+        out = original(config, model, strategy, optim, procs, batch, step)
+        if step == 1:  # during the second step, as a user's Ctrl-C would arrive
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(Trainer, "iteration", iteration)
+    monkeypatch.setattr(loop, "train_step", train_step)
     messages = []
     result = train(config, echo=messages.append)
     assert result.status == "interrupted" and result.step == 2
     assert result.state == tmp_path / "out" / "tiny-step00000002-state" and result.state.is_dir()
     assert (tmp_path / "out" / "tiny-step00000002.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    monkeypatch.setattr(Trainer, "iteration", original)
+    monkeypatch.setattr(loop, "train_step", original)
     resumed = train(config, resume=result.state, echo=lambda m: None)
     assert resumed.status == "done" and resumed.step == 5
 
@@ -200,15 +210,15 @@ def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_good_save(assets
         "ft",
         ["train.max_steps=10", "save.every_n_steps=2", "train.max_nonfinite_steps=3"],
     )
-    original = Trainer.iteration
+    original = loop.train_step
 
-    def iteration(self, batch):
-        if self.step == 2:  # the weights blow up after step 2's save
-            for p in self.params:
+    def train_step(config, model, strategy, optim, procs, batch, step):
+        if step == 2:  # the weights blow up after step 2's save
+            for p in model.params:
                 p.data.fill_(float("nan"))
-        return original(self, batch)
+        return original(config, model, strategy, optim, procs, batch, step)
 
-    monkeypatch.setattr(Trainer, "iteration", iteration)
+    monkeypatch.setattr(loop, "train_step", train_step)
     messages = []
     result = train(config, echo=messages.append)
     assert result.status == "nonfinite" and result.step == 5 and result.skipped_steps == 3
@@ -265,9 +275,8 @@ def test_full_finetune_from_a_single_file_saves_a_complete_single_file_and_a_dif
     config, _ = config_for(
         assets, tmp_path / "out", "sd1", "ft", [*common, f'model.config_dir="{assets["models"]["sd1"]}"']
     )
-    trainer = Trainer(config, echo=lambda m: None)
-    trainer.run()
-    trained = {k: v.clone() for k, v in trainer.denoiser.state_dict().items()}
+    train(config, echo=lambda m: None)
+    trained = load_file(tmp_path / "out" / "tiny-step00000002-state" / "trainable.safetensors")  # the float32 weights
     pipe = StableDiffusionPipeline.from_single_file(
         str(tmp_path / "out" / "tiny.safetensors"), config=str(assets["models"]["sd1"]), local_files_only=True
     )
@@ -360,16 +369,23 @@ def test_latent_and_text_caches_give_the_same_run_as_no_caches(assets, tmp_path)
 
 
 def test_ft_and_adt_runs_of_one_config_start_from_the_same_weights_and_batches(assets, tmp_path):
+    from accelerate.utils import set_seed
+
     from adt_plugin.train.lora import peft_state
+    from adt_plugin.train.setup import check_run, load_data, load_model, start_processes
 
     firsts = []
     for strategy in ("ft", "adt"):
         config, _ = config_for(assets, tmp_path / strategy, "sd1", strategy)
-        trainer = Trainer(config, echo=lambda m: None)
-        trainer.setup()
+        checked = check_run(config)
+        procs = start_processes(config)
+        set_seed(config.train.seed)  # as train() does
+        model = load_model(config, checked.family, procs, lambda m: None)
+        data = load_data(config, checked.report, model, procs, lambda m: None)
+        build_strategy(config.adt, model.scheduler_config)
         torch.manual_seed(123)  # whatever happens to the global generator afterwards
-        batches = trainer.batches()
-        firsts.append((peft_state(trainer.denoiser), [next(batches)[1]["path"] for _ in range(5)]))
+        batches = loop.batch_stream(data, (0, 0), config.train.batch_size, procs.rank, config.data.workers)
+        firsts.append((peft_state(model.denoiser), [next(batches)[1]["path"] for _ in range(5)]))
     (weights_ft, paths_ft), (weights_adt, paths_adt) = firsts
     assert all(torch.equal(weights_ft[k], weights_adt[k]) for k in weights_ft)
     assert paths_ft == paths_adt

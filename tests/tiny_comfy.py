@@ -98,3 +98,41 @@ def build_checkpoint(seed: int = 0):
             sd[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value
     sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     return {k: v.to(torch.float16).contiguous() for k, v in sd.items()}, unet, text
+
+
+def tiny_sd3_transformer():
+    """The smallest MMDiT ComfyUI detects as SD3 (comfy/model_detection.py at a125cd84):
+    it reads the depth from x_embedder (hidden = 64 x depth, one head per 64 channels),
+    16 latent channels, the context width 4096 (CLIP-L padded, T5's width) and the
+    pooled width 2048 (CLIP-L + CLIP-G) its text encoder produces."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=4096, caption_projection_dim=128, pooled_projection_dim=2048,
+        pos_embed_max_size=32,
+    )
+
+
+def build_sd3_checkpoint(seed: int = 0):
+    """(checkpoint tensors in ComfyUI's SD3 layout, the diffusers transformer). Text
+    encoders: CLIP-L only (ComfyUI builds the SD3 encoder from the ones present), at full
+    size (ComfyUI's own config); the SD3 VAE (16 latent channels, no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    from adt_plugin.train.keymap import to_original_state_dict
+
+    torch.manual_seed(seed)
+    transformer, text = tiny_sd3_transformer(), sd15_text_encoder()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    original = to_original_state_dict("sd3", transformer.state_dict(), transformer.config)
+    sd = {f"model.diffusion_model.{k}": v for k, v in original.items()}
+    for key, value in text.state_dict().items():
+        if "position_ids" not in key:
+            sd[f"text_encoders.clip_l.transformer.text_model.{key.removeprefix('text_model.')}"] = value
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    return {k: v.to(torch.float16).contiguous() for k, v in sd.items()}, transformer

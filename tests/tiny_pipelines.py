@@ -225,14 +225,14 @@ def make_image_folder(
     return Path(folder)
 
 
-def save_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
-    """A random 4-block DINOv2 saved like the real one, so the trainer's loader reads it.
-    Patch 28 at the loader's 224 px input: 64 tokens, cheap on the CPU."""
+def save_tiny_dinov2(folder: Path, seed: int = 0, layers: int = 4) -> Path:
+    """A random 4-block (or `layers`-block) DINOv2 saved like the real one, so the trainer's
+    loader reads it. Patch 28 at the loader's 224 px input: 64 tokens, cheap on the CPU."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
     config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=28, image_size=224
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, patch_size=28, image_size=224
     )
     Dinov2Model(config).save_pretrained(str(folder))
     return Path(folder)

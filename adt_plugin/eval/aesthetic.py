@@ -8,12 +8,11 @@ are inactive at inference. Parameter names follow the published file
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .weights import WEIGHTS, WeightsNotFound, load_state_dict_file
+from .weights import WEIGHTS, WeightsNotFound, load_state_dict_file, weights_file
 
 
 class AestheticHead(nn.Module):
@@ -46,7 +45,7 @@ class AestheticHead(nn.Module):
 
 def load_aesthetic_head(path: str | os.PathLike) -> AestheticHead:
     spec = WEIGHTS["aesthetic"]
-    path = Path(os.path.expanduser(str(path)))
+    path = weights_file(path, "aesthetic")
     state = load_state_dict_file(path, what=spec.what, get=f"get it with: {spec.get}")
     first = state.get("layers.0.weight")
     if first is None or first.ndim != 2:

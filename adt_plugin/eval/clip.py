@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -75,21 +74,24 @@ class ClipEmbedder:
 
 
 def load_clip(path: str | os.PathLike, device=None) -> ClipEmbedder:
-    """A transformers CLIP model and tokenizer from a local folder."""
+    """A transformers CLIP model and tokenizer from a local folder or a hub id (read from
+    the Hugging Face cache, or downloaded into it once when online)."""
     from transformers import AutoTokenizer, CLIPModel
 
-    path = Path(os.path.expanduser(str(path)))
+    from .. import hub
+
     spec = WEIGHTS["clip"]
-    if not (path / "config.json").is_file():
-        raise WeightsNotFound(f"{spec.what}: no model folder (config.json) at {path}. Get it with: {spec.get}")
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        source = hub.fetch(hub.locate(str(path), what=spec.what, example=spec.hub))
+        model = CLIPModel.from_pretrained(source.load_name, **source.pretrained_kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(source.load_name, **source.pretrained_kwargs())
+    except hub.ModelNotFound as err:
+        raise WeightsNotFound(f"{err}. Get it with: {spec.get}") from None
     except (OSError, ValueError) as err:
         raise WeightsNotFound(f"{spec.what}: could not load {path} ({err}). Get it with: {spec.get}") from err
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    processor_config = path / "preprocessor_config.json"
+    processor_config = source.path / "preprocessor_config.json"
     if processor_config.is_file():
         config = json.loads(processor_config.read_text())
         mean, std = config.get("image_mean", mean), config.get("image_std", std)
-    return ClipEmbedder(model.to(device), tokenizer, name=path.name, mean=mean, std=std)
+    return ClipEmbedder(model.to(device), tokenizer, name=hub.display_name(source.path), mean=mean, std=std)

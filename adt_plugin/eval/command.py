@@ -46,7 +46,10 @@ def add_arguments(parser) -> None:
     s.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     s.add_argument("--skip-generation", action="store_true", help="only evaluate images already in --out")
-    m = parser.add_argument_group("metric weights (local files; a metric without weights is skipped with a note)")
+    m = parser.add_argument_group(
+        "metric weights (local files, or hub ids downloaded once into the Hugging Face cache; "
+        "a metric without weights is skipped with a note)"
+    )
     m.add_argument(
         "--metrics-dir",
         action="append",
@@ -56,10 +59,12 @@ def add_arguments(parser) -> None:
         "sac+logos+ava1-l14-linearMSE.pth, HPS_v2.1_compressed.pt",
     )
     m.add_argument("--inception", help="FID Inception weights file")
-    m.add_argument("--dinov2", help="DINOv2 folder for FD-DINOv2")
-    m.add_argument("--clip", help="CLIP ViT-L/14 folder (CLIP score, aesthetic)")
+    m.add_argument("--dinov2", help="DINOv2 folder or hub id for FD-DINOv2, e.g. facebook/dinov2-large")
+    m.add_argument("--clip", help="CLIP ViT-L/14 folder or hub id (CLIP score, aesthetic), e.g. openai/clip-vit-large-patch14")
     m.add_argument("--aesthetic", help="LAION aesthetic predictor v2 head file")
-    m.add_argument("--hps", help="HPSv2 checkpoint (needs the [metrics] extra)")
+    m.add_argument(
+        "--hps", help="HPSv2 checkpoint file or hub file, e.g. xswu/HPSv2/HPS_v2.1_compressed.pt (needs the [metrics] extra)"
+    )
     m.add_argument("--metric-batch-size", type=int, default=16)
     m.add_argument("--kid-subsets", type=int, default=100)
     m.add_argument("--grid-rows", type=int, default=8, help="(prompt, seed) rows in grid.png (default 8)")
@@ -127,14 +132,29 @@ def _run(args) -> int:
 
     from .generate import SamplingSettings, generate_model, is_done, parse_models, plan_jobs
     from .images import list_images
+    from .lora_file import LoraFileError, check_lora_file
     from .report import write_report
     from .suite import MetricWeights, evaluate
+    from .weights import missing_message
 
     prompts = read_prompts(args.prompts)
     specs = parse_models(args.models, args.base_model)
     seeds = parse_seeds(args.seeds)
     if args.ref:
         list_images(args.ref)  # fail before hours of generation, not after
+    for spec in specs:  # an unreadable LoRA file, too (its fit to the model is checked when it loads)
+        if spec.lora_path:
+            try:
+                check_lora_file(spec.lora_path)
+            except LoraFileError as err:
+                raise LoraFileError(f"model {spec.name!r}: {err}") from err
+    # the metric networks before hours of generation: a hub id is downloaded now, a missing one stops here
+    folders = args.metrics_dir or ([os.environ["ADT_METRICS_DIR"]] if os.environ.get("ADT_METRICS_DIR") else [])
+    explicit = {k: getattr(args, k) for k in ("inception", "dinov2", "clip", "aesthetic", "hps")}
+    weights = MetricWeights.resolve(explicit, folders)
+    for key, path in vars(weights).items():
+        if path is None:
+            print(f"adt eval: note: {missing_message(key, folders)} (its metrics will be skipped)")
     out = Path(args.out)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     settings = SamplingSettings(args.sampler, args.steps, args.cfg, args.width, args.height, args.negative, seeds)
@@ -153,9 +173,6 @@ def _run(args) -> int:
             )
         print(f"{spec.name}: {made} generated, {len(jobs[spec.name]) - made} reused")
 
-    folders = args.metrics_dir or ([os.environ["ADT_METRICS_DIR"]] if os.environ.get("ADT_METRICS_DIR") else [])
-    explicit = {k: getattr(args, k) for k in ("inception", "dinov2", "clip", "aesthetic", "hps")}
-    weights = MetricWeights.resolve(explicit, folders)
     bars = []
 
     def progress(label, total):  # one stage at a time: close the previous bar first

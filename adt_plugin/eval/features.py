@@ -54,13 +54,13 @@ class Dinov2Features:
 
 
 def load_dinov2_features(path: str | os.PathLike, device=None, input_size: int = 224) -> Dinov2Features:
-    """DINOv2 from a local folder (the same loader the discriminator uses)."""
+    """DINOv2 from a local folder or a hub id (the same loader the discriminator uses)."""
     from ..backbones import load_dinov2
+    from ..hub import display_name
     from .weights import WeightsNotFound, missing_message
 
     try:
         backbone = load_dinov2(str(path), taps=(0,))
     except FileNotFoundError as err:
-        raise WeightsNotFound(f"{path}: {missing_message('dinov2')}") from err
-    name = os.path.basename(os.path.normpath(str(path)))
-    return Dinov2Features(backbone.model.to(device), name=name, input_size=input_size)
+        raise WeightsNotFound(f"{err}. {missing_message('dinov2')}") from None
+    return Dinov2Features(backbone.model.to(device), name=display_name(os.path.normpath(str(path))), input_size=input_size)

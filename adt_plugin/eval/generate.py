@@ -12,7 +12,6 @@ generate now, so an interrupted run resumes and a changed setting regenerates.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,14 +158,17 @@ def load_pipeline(spec: ModelSpec, device, dtype, sampler: str, steps: int, conf
 
     model = ModelConfig(path=spec.model_path, config_dir=config_dir)
     try:
-        pipe = load_local(model, detect_family(model), dtype)
+        family = detect_family(model)
+        pipe = load_local(model, family, dtype)
     except ModelLoadError as err:
         raise FileNotFoundError(f"model {spec.name!r}: {err}") from err
     if spec.lora_path:
-        lora = Path(os.path.expanduser(spec.lora_path))
-        if not lora.is_file():
-            raise FileNotFoundError(f"model {spec.name!r}: LoRA file {lora} does not exist")
-        pipe.load_lora_weights(str(lora), adapter_name="adt_eval")
+        from .lora_file import LoraFileError, load_lora
+
+        try:
+            load_lora(pipe, family, spec.lora_path, "adt_eval")
+        except LoraFileError as err:
+            raise LoraFileError(f"model {spec.name!r}: {err}") from err
         pipe.set_adapters(["adt_eval"], adapter_weights=[spec.lora_scale])
     pipe.scheduler = build_scheduler(pipe.scheduler.config, sampler, steps)
     pipe.set_progress_bar_config(disable=True)

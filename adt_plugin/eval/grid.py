@@ -3,16 +3,20 @@
 `plan_grid` is pure arithmetic (where every header, row label and cell goes), so
 the layout is testable without drawing; `render_grid` draws it with Pillow.
 Optional per-cell notes (metric values) are drawn over the bottom of each cell
-on a dark band, so the grid keeps its size when scores are added.
+on a dark band, so the grid keeps its size when scores are added. Images smaller
+than `MIN_CELL` pixels are shown enlarged by a whole factor (each pixel a square
+block, nothing interpolated), so headers, row labels and scores fit beside them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+MIN_CELL = 160  # px: below this, cells are enlarged by a whole factor so their labels fit
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 MISSING = (200, 200, 200)
@@ -89,6 +93,11 @@ class GridLayout:
         return 0, y0, self.label_width, y1
 
 
+def display_zoom(image_size: tuple[int, int]) -> int:
+    """The whole factor that brings the smaller side of an image to at least MIN_CELL."""
+    return max(1, math.ceil(MIN_CELL / max(1, min(image_size))))
+
+
 def plan_grid(
     rows: int,
     cols: int,
@@ -118,12 +127,15 @@ def render_grid(
     font_size: Optional[int] = None,
 ) -> Image.Image:
     """`cells[row][col]` (None: a grey "missing" cell). Cells are shown at the size
-    of the first present image; others are resized to it."""
+    of the first present image (enlarged when small, see `display_zoom`); others are
+    resized to it."""
     rows, cols = len(cells), len(column_headers)
     if any(len(r) != cols for r in cells) or len(row_labels) != rows:
         raise ValueError(f"cells must be {len(row_labels)} rows x {cols} columns (one per header and row label)")
     first = next((c for r in cells for c in r if c is not None), None)
-    cell_size = first.size if first is not None else (256, 256)
+    image_size = first.size if first is not None else (256, 256)
+    zoom = display_zoom(image_size)
+    cell_size = (image_size[0] * zoom, image_size[1] * zoom)
     size = font_size or max(11, min(22, cell_size[0] // 20))
     font = load_font(size)
     line_height = int(size * 1.35)
@@ -154,8 +166,8 @@ def render_grid(
                 draw.rectangle(box, fill=MISSING)
                 draw.text((box[0] + 6, box[1] + 6), "missing", fill=INK, font=font)
             else:
-                if image.size != cell_size:
-                    image = image.resize(cell_size, Image.BICUBIC)
+                if image.size != cell_size:  # enlarged pixel by pixel, or another size fitted to the first
+                    image = image.resize(cell_size, Image.NEAREST if image.size == image_size else Image.BICUBIC)
                 canvas.paste(image.convert("RGB"), box[:2])
             if notes is not None and notes[row][col]:
                 _draw_notes(canvas, box, notes[row][col], font, line_height)

@@ -11,13 +11,12 @@ the HPSv2 checkpoint fills all of it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .images import tensor_to_pil
-from .weights import WEIGHTS, WeightsNotFound, load_state_dict_file
+from .weights import WEIGHTS, WeightsNotFound, load_state_dict_file, weights_file
 
 
 class HpsUnavailable(RuntimeError):
@@ -57,7 +56,7 @@ class HpsScorer:
 
 def load_hps(path: str | os.PathLike, device=None, arch: str = "ViT-H-14") -> HpsScorer:
     spec = WEIGHTS["hps"]
-    path = Path(os.path.expanduser(str(path)))
+    path = weights_file(path, "hps")
     open_clip = import_open_clip()
     state = load_state_dict_file(path, what=spec.what, get=f"get it with: {spec.get}")
     if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper

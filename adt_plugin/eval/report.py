@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 from ..fileio import atomic_write_bytes
 from .chart import bar_chart
 from .images import save_png
-from .scores import METRICS, MetricInfo
+from .scores import METRICS, MetricInfo, mean_std_text
 from .suite import EvalResult
 
 # Table 1 of the paper reports FID / HPS / AES; the rest follow.
@@ -55,12 +55,13 @@ def markdown(result: EvalResult, models: Sequence[str], model_descriptions: Mapp
         for model in models:
             cells = []
             for c in columns:
-                cell = _fmt(c, values[c].get(model, math.nan))
-                if c in result.kid_std and model in result.kid_std[c]:
-                    cell += f" ± {result.kid_std[c][model]:.2f}"
+                value = values[c].get(model, math.nan)
+                cell = _fmt(c, value)
+                if c in result.kid_std and model in result.kid_std[c] and math.isfinite(value):
+                    cell = mean_std_text(value, result.kid_std[c][model], _info(c).fmt)
                 elif c in PER_IMAGE:
                     s = result.table.summary(c, model)
-                    cell += f" ± {s.std:.2f}" if s.count > 1 else ""
+                    cell = mean_std_text(s.mean, s.std, _info(c).fmt) if s.count > 1 else cell
                 cells.append(cell)
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines += ["", "Per-image metrics: mean ± standard deviation over images; KID: mean ± std over subsets.", ""]

@@ -9,6 +9,7 @@ average is higher (lower, for lower-is-better metrics); ties count half.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -64,6 +65,19 @@ class WinRate:
     def rate(self) -> float:
         """(wins + ties / 2) / prompts; NaN when no prompt is shared."""
         return (self.wins + 0.5 * self.ties) / self.prompts if self.prompts else math.nan
+
+
+def mean_std_text(mean: float, std: float, fmt: str = "{:.2f}") -> str:
+    """`mean ± std` with enough decimals to show the spread: two significant digits of
+    the std when the metric's own format would print it as 0 ("0.1235 ± 0.0012", not
+    "0.12 ± 0.00")."""
+    match = re.fullmatch(r"\{:\.(\d+)f\}", fmt)
+    decimals = int(match[1]) if match else 2
+    if std == 0:
+        return f"{mean:.{decimals}f} ± 0"  # every value the same
+    if math.isfinite(std):
+        decimals = max(decimals, min(8, math.ceil(-math.log10(std)) + 1))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def summarize(values: Iterable[float]) -> Summary:

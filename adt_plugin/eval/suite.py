@@ -19,7 +19,7 @@ import torch
 from .frechet import frechet_distance_of, kernel_inception_distance
 from .images import iter_image_batches, list_images
 from .scores import ScoreTable
-from .weights import WeightsNotFound, find_weights, missing_message
+from .weights import WEIGHTS, WeightsNotFound, missing_message, resolve_weights
 
 # (prompt index, seed, path) for each generated image of one model
 GeneratedSet = Sequence[tuple[int, int, Path]]
@@ -36,13 +36,13 @@ class MetricWeights:
     hps: Optional[Path] = None
 
     @classmethod
-    def resolve(cls, explicit: Mapping[str, Optional[str]], folders: Sequence[str]) -> "MetricWeights":
-        """An explicit path wins; otherwise look for the standard names in `folders`."""
-        found = {}
-        for key in ("inception", "dinov2", "clip", "aesthetic", "hps"):
-            given = explicit.get(key)
-            found[key] = Path(os.path.expanduser(given)) if given else find_weights(key, folders)
-        return cls(**found)
+    def resolve(
+        cls, explicit: Mapping[str, Optional[str]], folders: Sequence[str], echo: Callable[[str], None] = print
+    ) -> "MetricWeights":
+        """An explicit path or hub id wins and must resolve (a hub id is downloaded now when
+        online and not cached); otherwise the standard names in `folders`, then the
+        metric's hub id if it is already in the Hugging Face cache."""
+        return cls(**{key: resolve_weights(key, explicit.get(key), folders, echo) for key in WEIGHTS})
 
 
 @dataclass

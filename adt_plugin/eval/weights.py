@@ -1,8 +1,12 @@
-"""Where each metric's weights come from, and loading them from local files only.
+"""Where each metric's weights come from.
 
-Nothing is downloaded at run time. Each metric names the file (or folder) it
-needs and where to get it once; `find_weights` looks for those names in a
-folder (`adt eval --metrics-dir`, ComfyUI's `models/adt_metrics`).
+Each metric names the file (or folder) it needs and where to get it once;
+`find_weights` looks for those names in a folder (`adt eval --metrics-dir`,
+ComfyUI's `models/adt_metrics`). The transformers models (DINOv2, CLIP) can also be
+named by their Hugging Face hub id: read from the Hugging Face cache, or downloaded
+into it once when online (`adt_plugin.hub`); one file of a hub repository is named
+`org/repo/file` (HPSv2: `xswu/HPSv2/HPS_v2.1_compressed.pt`). Nothing is downloaded
+unless a hub id is given.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -26,6 +30,7 @@ class WeightsSpec:
     names: tuple[str, ...]  # accepted file / folder names, preferred first
     folder: bool  # a Hugging Face model folder (config.json + weights) rather than one file
     get: str  # how a user gets it (one command or URL)
+    hub: str = ""  # its hub id ("org/repo", or "org/repo/file" for one file); used from the cache when present
 
 
 WEIGHTS: dict[str, WeightsSpec] = {
@@ -41,14 +46,16 @@ WEIGHTS: dict[str, WeightsSpec] = {
         "DINOv2 for FD-DINOv2",
         ("dinov2-large", "dinov2-giant", "dinov2-base", "dinov2-small"),
         True,
-        "huggingface-cli download facebook/dinov2-large --local-dir dinov2-large",
+        "hf download facebook/dinov2-large --local-dir dinov2-large",
+        "facebook/dinov2-large",
     ),
     "clip": WeightsSpec(
         "clip",
         "CLIP ViT-L/14 (CLIP score and the aesthetic predictor)",
         ("clip-vit-large-patch14",),
         True,
-        "huggingface-cli download openai/clip-vit-large-patch14 --local-dir clip-vit-large-patch14",
+        "hf download openai/clip-vit-large-patch14 --local-dir clip-vit-large-patch14",
+        "openai/clip-vit-large-patch14",
     ),
     "aesthetic": WeightsSpec(
         "aesthetic",
@@ -56,14 +63,15 @@ WEIGHTS: dict[str, WeightsSpec] = {
         ("sac+logos+ava1-l14-linearMSE.pth",),
         False,
         "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
-        " (or huggingface-cli download camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth --local-dir .)",
+        " (or hf download camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth --local-dir .)",
     ),
     "hps": WeightsSpec(
         "hps",
         "HPSv2 weights",
         ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt"),
         False,
-        "huggingface-cli download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir .",
+        "hf download xswu/HPSv2 HPS_v2.1_compressed.pt --local-dir .",
+        "xswu/HPSv2/HPS_v2.1_compressed.pt",
     ),
 }
 
@@ -84,7 +92,63 @@ def missing_message(key: str, looked_in: Iterable[str | os.PathLike] = ()) -> st
     where = ", ".join(str(f) for f in looked_in)
     place = f" in {where}" if where else ""
     kind = "folder" if spec.folder else "file"
-    return f"{spec.what}: no {kind} named {' or '.join(spec.names)}{place}. Get it with: {spec.get}"
+    hub_id = f", or give the hub id {spec.hub} (downloaded once into the Hugging Face cache)" if spec.hub else ""
+    return f"{spec.what}: no {kind} named {' or '.join(spec.names)}{place}. Get it with: {spec.get}{hub_id}"
+
+
+def resolve_weights(
+    key: str, given: Optional[str], folders: Iterable[str | os.PathLike] = (), echo: Callable[[str], None] = print
+) -> Optional[Path]:
+    """The local path of a metric's weights, or None when there are none.
+
+    `given` (a path, or a hub id) must resolve: a hub id is read from the Hugging Face
+    cache or downloaded into it now (online), else WeightsNotFound says how to get it.
+    Without it: the standard names in `folders`, then the metric's hub id if it is
+    already in the cache (nothing is downloaded unasked)."""
+    from .. import hub
+
+    spec = WEIGHTS[key]
+    if given:
+        try:
+            if spec.folder:
+                source = hub.locate(given, what=spec.what, example=spec.hub)
+                return hub.fetch(source, echo).path
+            return hub.locate_file(given, what=spec.what, echo=echo)
+        except hub.ModelNotFound as err:
+            raise WeightsNotFound(f"{err}. Get it with: {spec.get}") from None
+    found = find_weights(key, folders)
+    if found is None and spec.hub:
+        found = cached_hub_weights(key)
+    return found
+
+
+def cached_hub_weights(key: str) -> Optional[Path]:
+    """The metric's hub model (or file) when it is in the Hugging Face cache; None otherwise."""
+    from .. import hub
+
+    spec = WEIGHTS[key]
+    try:
+        if spec.folder:
+            source = hub.locate(spec.hub, what=spec.what)
+            return source.path if source.kind == hub.CACHE else None
+        repo_id, filename = hub.split_hub_file(spec.hub) or ("", "")
+        return hub.cached_file(repo_id, filename) if repo_id else None
+    except hub.ModelNotFound:
+        return None
+
+
+def weights_file(path: str | os.PathLike, key: str, echo: Callable[[str], None] = print) -> Path:
+    """A local file, or one file of a hub repository ('org/repo/file': from the Hugging
+    Face cache, or downloaded into it once when online)."""
+    from .. import hub
+
+    local = Path(os.path.expanduser(str(path)))
+    if local.exists() or hub.split_hub_file(str(path)) is None:
+        return local
+    try:
+        return hub.locate_file(str(path), what=WEIGHTS[key].what, echo=echo)
+    except hub.ModelNotFound as err:
+        raise WeightsNotFound(f"{err}. Get it with: {WEIGHTS[key].get}") from None
 
 
 def load_state_dict_file(path: Path, what: str, get: str) -> dict[str, torch.Tensor]:

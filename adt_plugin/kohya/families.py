@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ..presets import family_adt_defaults
+
 # sd-scripts' SD3 sampler uses shift 3.0 (sd3_train_utils.do_sample), as does SD3's own scheduler config
 SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
@@ -53,8 +55,9 @@ class Family:
     batch_keys: tuple[str, ...] = ()
     #: re-encode the empty prompt with the live text encoders when they are trained
     live_uncond = True
-    #: ADT settings that differ from the core's (SD1.5 + DDIM 50) defaults
-    defaults: Mapping[str, Any] = {}
+    #: the family's own ADT settings (sampler, CFG, D lr), from the presets' single source:
+    #: adt_plugin/presets/families/<family>.toml [adt]
+    defaults: Mapping[str, Any] = family_adt_defaults("sd1")
 
     @property
     def module(self) -> str:
@@ -115,7 +118,7 @@ class SdxlFamily(Family):
     script = "sdxl_train_network.py"
     trainer_class = "SdxlNetworkTrainer"
     batch_keys = ("original_sizes_hw", "crop_top_lefts", "target_sizes_hw")  # read by SdxlNetworkTrainer.call_unet
-    defaults = {"guidance_scale": 5.0, "d_lr": 1e-6}  # the paper's SDXL settings
+    defaults = family_adt_defaults("sdxl")
 
 
 class Sd3Family(Family):
@@ -124,7 +127,7 @@ class Sd3Family(Family):
     script = "sd3_train_network.py"
     trainer_class = "Sd3NetworkTrainer"
     live_uncond = False  # T5 may be cached/offloaded: the empty prompt of the base text encoders is used
-    defaults = {"sampler": "flow_euler", "num_inference_steps": 28, "guidance_scale": 7.0, "d_lr": 1e-6}
+    defaults = family_adt_defaults("sd3")
 
     def scheduler_config(self, trainer: Any, args: Any) -> dict[str, Any]:
         return dict(SD3_SCHEDULER_CONFIG)

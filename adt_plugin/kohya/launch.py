@@ -14,6 +14,13 @@ The kohya_ss GUI launches `accelerate launch <launch options> <sd-scripts script
 arguments" box, the GUI's remaining launch options (--mixed_precision,
 --num_processes, ...) land after our module name, i.e. in our arguments: they
 are read here and applied as accelerate would for one process.
+
+ADT is on only when it is asked for: an `--adt_*` option on the command line (the
+ADT presets put them in the GUI's "Additional parameters") or an `adt_*` key in the
+`--config_file` TOML. Without one the script runs unchanged, as plain sd-scripts:
+a stock GUI preset clears "Additional parameters" but leaves "Extra accelerate
+launch arguments" as it was, so `-m adt_plugin.kohya.launch` can outlive the ADT
+preset that put it there.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import runpy
 import sys
 import warnings
 from pathlib import Path
@@ -145,6 +153,60 @@ def resolve(argv: list[str], family_name: Optional[str]) -> tuple[Family, Path, 
     return family, check_sd_scripts(Path(root), family), argv
 
 
+def preflight_adt(args: argparse.Namespace, family: Family) -> None:
+    """The ADT settings and the models they name (the backbone, found or downloaded now;
+    taps against its depth), checked before sd-scripts loads the diffusion model."""
+    from ..settings import SettingsError
+    from ..strategies import preflight
+    from .args import settings_from_args
+
+    config_file = getattr(args, "config_file", None)
+    source = f"{config_file}.toml / command line" if config_file else "command line"
+    try:
+        settings = settings_from_args(args, family.defaults, source=source)
+        for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix="--adt_"):
+            print(f"ADT: {line}")
+    except (SettingsError, FileNotFoundError) as err:
+        raise LaunchError(str(err)) from None
+
+
+def adt_requested(script_args: Sequence[str]) -> bool:
+    """An `--adt_*` option, `--help`, or an `adt_*` key in the --config_file TOML (sd-scripts
+    flattens its sections, so a key counts in any section)."""
+    if any(arg.startswith("--adt_") or arg in ("-h", "--help") for arg in script_args):
+        return True
+    config = pop_option(list(script_args), "--config_file")
+    if not config:
+        return False
+    path = Path(config if config.endswith(".toml") else config + ".toml")  # as sd-scripts' read_config_from_file
+    try:
+        import toml
+
+        data = toml.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - missing or broken: sd-scripts itself reports it
+        return False
+    keys = [k for name, v in data.items() for k in (v if isinstance(v, dict) else {name: v})]
+    return any(key.startswith("adt_") for key in keys)
+
+
+def run_unchanged(argv: list[str], family_name: Optional[str]) -> int:
+    """The sd-scripts script as `accelerate launch <script> ...` would run it, without ADT."""
+    if argv and argv[0].endswith(".py"):
+        pop_option(argv, "--sd_scripts")  # ours, not the script's
+    else:
+        fam, root, rest = resolve(argv, family_name)
+        argv = [str(root / fam.script), *rest]
+    script = Path(argv[0]).expanduser().resolve()
+    if not script.is_file():
+        raise LaunchError(f"{argv[0]}: no such sd-scripts script")
+    print(f"adt_plugin.kohya: ADT is off (no --adt_* option, no adt_* key in --config_file); "
+          f"running {script.name} unchanged", flush=True)
+    sys.argv = [str(script), *argv[1:]]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser(script_module) -> argparse.ArgumentParser:
     from .args import add_adt_arguments
 
@@ -157,6 +219,8 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     options, argv = split_accelerate_options(argv)
     apply_accelerate_options(options)
+    if not adt_requested(argv):
+        return run_unchanged(argv, family)
     fam, root, script_args = resolve(argv, family)
 
     if str(root) not in sys.path:
@@ -175,6 +239,7 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     args = parser.parse_args(script_args)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
+    preflight_adt(args, fam)  # the backbone before sd-scripts loads the model: seconds, not minutes
 
     # ADT skips the optimizer step on discriminator-only iterations by design; torch
     # would warn about the LR scheduler stepping without it on the first of them.

@@ -8,7 +8,9 @@ scripts/train.py or the UI. The shim calls `install()`, which:
   * replaces the registered SD1.x/2.x, SDXL and SD3 LoRA and fine-tune model setups
     with ADT subclasses (setup.py), which act only when `adt.enabled` is true;
   * replaces their model savers with subclasses that write the discriminator into
-    backups and beside saved models.
+    backups and beside saved models;
+  * checks ADT's settings and finds its backbone (downloading a hub id once) when
+    the trainer creates its model loader, i.e. before the model loads.
 
 Mirrors OneTrainer master @ 23df3832 (modules/util/factory.py keeps a list of
 (args, kwargs, class) per base class; there is no public way to re-register).
@@ -19,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .families import FAMILIES, Family
-from .setup import wrap_saver_class, wrap_setup_class
+from .setup import preflight_config, wrap_saver_class, wrap_setup_class
 
 TRAINING_METHODS = ("LORA", "FINE_TUNE")
 
@@ -58,6 +60,24 @@ def install() -> None:
     patch_train_config(TrainConfig, BaseConfig)
     replace_registered(factory, BaseModelSetup, wrap_setup_class)
     replace_registered(factory, BaseModelSaver, lambda cls, family: wrap_saver_class(cls))
+    from modules.trainer.BaseTrainer import BaseTrainer
+
+    check_before_loading(BaseTrainer)
+
+
+def check_before_loading(trainer_class: type) -> None:
+    """Run ADT's preflight (settings, backbone) when the trainer creates its model loader:
+    GenericTrainer.start does that first, before it loads the model. Idempotent."""
+    if getattr(trainer_class, "_adt_checks_first", False):
+        return
+    original = trainer_class.create_model_loader
+
+    def create_model_loader(self):
+        preflight_config(self.config)
+        return original(self)
+
+    trainer_class.create_model_loader = create_model_loader
+    trainer_class._adt_checks_first = True
 
 
 def _import_registered_modules(factory: Any) -> None:
@@ -79,4 +99,4 @@ _MODULES = {
             "modules.modelSaver.StableDiffusion3LoRAModelSaver", "modules.modelSaver.StableDiffusion3FineTuneModelSaver"),
 }
 
-__all__ = ["install", "replace_registered"]
+__all__ = ["check_before_loading", "install", "replace_registered"]

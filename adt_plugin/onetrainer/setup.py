@@ -35,7 +35,7 @@ import torch
 from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner
 from ..checkpoint import disc_path_for
 from ..decode import LatentDecoder
-from ..strategies import build_strategy
+from ..strategies import build_strategy, preflight
 from .config import SECTION, settings_from_section
 from .families import Family, capture_denoiser_call, output_tensor
 
@@ -57,6 +57,24 @@ def check_config(config: Any) -> None:
     if optimizer is not None and getattr(optimizer, "fused_back_pass", False):
         raise ValueError("ADT: 'Fused Back Pass' steps the optimizer inside backward, so discriminator-only "
                          "iterations could not be kept from moving the weights; turn it off")
+
+
+def preflight_config(config: Any) -> None:
+    """ADT's settings and the models they name (the backbone, found or downloaded now;
+    taps against its depth), checked before OneTrainer loads the diffusion model."""
+    if not adt_enabled(config):
+        return
+    from huggingface_hub import constants
+
+    # what GenericTrainer.start applies right after this (huggingface_util.configure_hub)
+    if getattr(config, "offline_mode", False):
+        constants.HF_HUB_OFFLINE = True
+    if getattr(config, "huggingface_cache_dir", ""):
+        constants.HF_HUB_CACHE = config.huggingface_cache_dir
+    check_config(config)
+    settings = settings_from_section(getattr(config, SECTION))
+    for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix=f"{SECTION}."):
+        print(f"ADT: {line}")
 
 
 class AdtSetupMixin:
@@ -197,4 +215,4 @@ def wrap_saver_class(cls: type) -> type:
     return type(f"Adt{cls.__name__}", (AdtSaverMixin, cls), {"__module__": __name__})
 
 
-__all__ = ["AdtSaverMixin", "AdtSetupMixin", "BACKUP_FILE", "adt_enabled", "check_config", "wrap_saver_class", "wrap_setup_class"]
+__all__ = ["AdtSaverMixin", "AdtSetupMixin", "BACKUP_FILE", "adt_enabled", "check_config", "preflight_config", "wrap_saver_class", "wrap_setup_class"]

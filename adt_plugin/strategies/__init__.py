@@ -47,6 +47,41 @@ def build_strategy(
     )
 
 
+def preflight(
+    settings: "AdtSettings", echo: Callable[[str], None] = print, fetch: bool = True, prefix: str = ""  # noqa: F821
+) -> list[str]:
+    """Resolve the models `build_strategy` will load (adt: the backbone and decoder_path) and
+    check the taps against the backbone's depth, reading config.json only. Every front end
+    calls this before the diffusion model loads, so a missing backbone costs seconds, not a
+    model load. With `fetch`, a hub id that is not cached is downloaded now (online), so
+    the later load is instant. Returns one line per model saying where it comes from.
+    `prefix` spells the settings as the front end does ("--adt_", "[adt] ", "adt.").
+
+    Raises hub.ModelNotFound (what was looked for, where, and how to fetch it) or
+    SettingsError (taps beyond the backbone's depth)."""
+    if settings.strategy != "adt":
+        return []
+    from .. import hub
+    from ..backbones import backbone_depth, check_taps, locate_dinov2
+    from ..settings import SettingsError
+
+    backbone = locate_dinov2(settings.backbone_path, setting=f"{prefix}backbone_path")
+    backbone = hub.fetch(backbone, echo) if fetch else backbone
+    lines = [f"backbone: {backbone.describe()}"]
+    if backbone.path is not None:
+        try:
+            check_taps(settings.taps, backbone_depth(backbone), settings.backbone_path)
+        except ValueError as err:
+            raise SettingsError(f"{err}; change {prefix}taps or {prefix}backbone_path") from None
+    if settings.decoder_path:
+        from ..decode import locate_tiny_decoder
+
+        decoder = locate_tiny_decoder(settings.decoder_path, setting=f"{prefix}decoder_path")
+        decoder = hub.fetch(decoder, echo) if fetch else decoder
+        lines.append(f"decoder: {decoder.describe()}")
+    return lines
+
+
 __all__ = [
     "STRATEGIES",
     "Cost",
@@ -55,5 +90,6 @@ __all__ = [
     "StrategyOutput",
     "TrainBatch",
     "build_strategy",
+    "preflight",
     "register_strategy",
 ]

@@ -2,9 +2,11 @@
 
     adt train --config run.toml [--preset NAME] [--strategy adt] [section.key=value ...]
     adt train --config run.toml --resume outputs/NAME-step00001000-state
-    adt train --config run.toml --check        # validate the config and the data, load nothing
+    adt train --config run.toml --check        # validate the config, folders, data and backbone; load no model
 
-Exit codes: 0 done, 2 bad config / data / model, 3 stopped on non-finite losses,
+Options and `section.key=value` overrides may come in any order.
+Exit codes: 0 done, 1 stopped by an unexpected error (model and state saved first),
+2 bad config / data / model / state, 3 stopped on non-finite values,
 130 interrupted (a resumable state was saved).
 """
 
@@ -14,6 +16,10 @@ import sys
 
 HELP = "fine-tune SD1.x/2.x, SDXL or SD3 (LoRA or full) with ft, adt, ... from a TOML config"
 EXIT_CODES = {"done": 0, "nonfinite": 3, "interrupted": 130}
+EXIT_ABORTED = 1
+# The `adt` parser reads this command's options and key=value overrides intermixed
+# (argparse's parse_intermixed_args), so an override may follow an option.
+INTERMIXED = True
 
 
 def add_arguments(parser) -> None:
@@ -29,7 +35,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--max_steps", type=int, metavar="N", help="train.max_steps")
     parser.add_argument("--output_dir", help="train.output_dir")
-    parser.add_argument("--check", action="store_true", help="validate the config and scan the data, then stop")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the output folders, the data, the model's family (and --resume's state) and "
+        "find the backbone (downloading it once if needed), then stop",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="e.g. train.learning_rate=1e-5 adt.g_every=5"
     )
@@ -52,31 +63,39 @@ def _flag_overrides(args) -> list[tuple[str, str, object]]:
 def run(args) -> int:
     from ..settings import SettingsError
     from .config import load_run_config
-    from .data import DataError, scan_folder
+    from .data import DataError
     from .loading import ModelLoadError
     from .lora import LoraSetupError
     from .state import ResumeError
 
     try:
         config = load_run_config(args.config, args.preset, [*_flag_overrides(args), *args.overrides])
-        if args.check:  # everything that needs no weights: config, packages, images, the model's family
-            from .loading import detect_family
-            from .loop import check_environment, check_sampler_fits
+        if args.check:  # everything that needs no weights: what `adt train` checks before loading
+            from ..strategies import preflight
+            from .setup import check_run
 
-            check_environment(config)
-            report = scan_folder(config.data.folder, config.data.caption_extension, config.data.min_size)
-            for line in report.lines():
+            checked = check_run(config, args.resume)
+            for line in checked.report.lines():
                 print(line)
-            family = detect_family(config.model)
-            check_sampler_fits(config, family)
+            for line in preflight(config.adt, prefix="[adt] "):  # the backbone (and taps against its depth), no weights
+                print(line)
             print(
-                f"config OK: {config.model.path} ({family}), {config.train.method}, strategy {config.adt.strategy}, "
-                f"{config.train.max_steps} steps; sources: {', '.join(config.sources)}"
+                f"config OK: {config.model.path} ({checked.family}), {config.train.method}, strategy "
+                f"{config.adt.strategy}, {config.train.max_steps} steps, writing to {config.output_dir}"
+                + (f", resuming {args.resume} at step {checked.saved['step']}" if checked.saved else "")
+                + f"; sources: {', '.join(config.sources)}"
             )
             return 0
-        from .loop import train
+        from .loop import RunAborted, train
 
-        result = train(config, args.resume)
+        try:
+            result = train(config, args.resume)
+        except RunAborted as err:
+            import traceback
+
+            traceback.print_exception(err.__cause__, file=sys.stderr)  # the cause, for a bug report
+            print(f"adt train: {err}", file=sys.stderr)
+            return EXIT_ABORTED
     except (SettingsError, DataError, ModelLoadError, LoraSetupError, ResumeError, FileNotFoundError) as err:
         print(f"adt train: error: {err}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@
 Every image is opened and decoded once at the start; an unreadable file, an image
 without a caption (or with an empty one) and an image whose shorter side is below
 `min_image_size` are reported with the reason and skipped, and the count is
-printed. An empty result is an error before any model is loaded.
+printed. An empty result is an error before any model is loaded. Images are read
+as they are shown: turned upright by their EXIF orientation, and 16-bit greyscale
+scaled down to 8 bits (PIL's plain RGB conversion clips it to white).
 
 The batch order is a pure function of (seed, epoch): each epoch shuffles every
 bucket, cuts it into global batches (batch_size x processes, the last one filled
@@ -22,14 +24,20 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REPEATS = re.compile(r"^(\d+)_(.+)$")
+ORIENTATION_TAG = 0x0112
+# EXIF orientations that turn the image by 90 degrees (width and height swap)
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+# Bumped whenever an image decodes to other pixels than before, so cached latents are rebuilt.
+DECODE_VERSION = "upright-16bit/1"
 
 
 class DataError(ValueError):
@@ -93,6 +101,8 @@ def scan_folder(folder: str | Path, caption_extension: str = ".txt", min_image_s
             with Image.open(path) as image:
                 image.load()  # decode it all: a truncated file fails here, not mid-run
                 width, height = image.size
+                if image.getexif().get(ORIENTATION_TAG) in SWAPPING_ORIENTATIONS:
+                    width, height = height, width  # as prepare_image will turn it
         except Exception as err:  # noqa: BLE001 - PIL raises many kinds for bad files
             report.skipped.append((path, f"cannot be read as an image ({type(err).__name__}: {err})"))
             continue
@@ -139,6 +149,11 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
         range(len(buckets)),
         key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), -buckets[i][0] * buckets[i][1]),
     )
+
+
+def assign_buckets(items: Sequence[ImageItem], buckets: Sequence[tuple[int, int]]) -> list[int]:
+    """The bucket (an index into `buckets`) of each image."""
+    return [nearest_bucket(item.width, item.height, buckets) for item in items]
 
 
 # --- batch order -------------------------------------------------------------------
@@ -205,7 +220,7 @@ def prepare_image(
 ) -> Prepared:
     bw, bh = bucket
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(ImageOps.exif_transpose(image))
     width, height = image.size
     scale = max(bw / width, bh / height)  # cover the bucket, then crop the excess
     rw, rh = max(bw, round(width * scale)), max(bh, round(height * scale))
@@ -223,6 +238,15 @@ def prepare_image(
     return Prepared(pixels, (height, width), (top, left), (bh, bw))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale (PNG mode I;16, or I) is scaled to 8 bits first:
+    PIL's own conversion clips every value above 255 to white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def file_fingerprint(path: Path) -> str:
     stat = path.stat()
     return f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}"
@@ -236,7 +260,8 @@ class TrainImages(torch.utils.data.Dataset):
     """Entries (images x repeats) in their buckets. `__getitem__((entry, epoch))`
     returns one sample dict; random crop, flip and caption dropout are drawn from
     a generator seeded by (seed, epoch, entry), so workers and resumed runs draw
-    the same."""
+    the same. With caches, `latent_files` (one per image) and `text_files` (one per
+    caption) replace decoding the image and encoding the caption."""
 
     def __init__(
         self,
@@ -246,17 +271,17 @@ class TrainImages(torch.utils.data.Dataset):
         random_crop: bool = False,
         flip: bool = False,
         caption_dropout: float = 0.0,
+        latent_files: Optional[Sequence[Path]] = None,
+        text_files: Optional[Mapping[str, Path]] = None,
     ):
         self.items = list(items)
         self.buckets = list(buckets)
-        self.item_bucket = [nearest_bucket(i.width, i.height, self.buckets) for i in self.items]
+        self.item_bucket = assign_buckets(self.items, self.buckets)
         self.entries = [index for index, item in enumerate(self.items) for _ in range(item.repeats)]
         self.seed = seed
         self.random_crop, self.flip, self.caption_dropout = random_crop, flip, caption_dropout
-        # Filled by the trainer when caches are on: item index -> latent file, caption -> text file.
-        self.latent_files: Optional[list[Path]] = None
-        self.text_files: Optional[dict[str, Path]] = None
-        self.load_tensors: Optional[Callable[[Path], dict[str, torch.Tensor]]] = None
+        self.latent_files = list(latent_files) if latent_files is not None else None
+        self.text_files = dict(text_files) if text_files is not None else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -283,7 +308,7 @@ class TrainImages(torch.utils.data.Dataset):
         caption = self.caption_for(entry, epoch)
         sample: dict[str, Any] = {"caption": caption, "path": str(item.path)}
         if self.latent_files is not None:
-            cached = self.load_tensors(self.latent_files[index])
+            cached = load_file(str(self.latent_files[index]))
             sample["latents"] = cached["latents"]
             sample["size_cond"] = cached["size_cond"]
         else:
@@ -295,7 +320,7 @@ class TrainImages(torch.utils.data.Dataset):
                 [*prepared.original_size, *prepared.crop_top_left, *prepared.target_size]
             )
         if self.text_files is not None:
-            sample["text"] = self.load_tensors(self.text_files[caption])
+            sample["text"] = load_file(str(self.text_files[caption]))
         return sample
 
 

@@ -14,13 +14,17 @@ parameter name and says where it sits in the original tensor:
 
 The inverse maps are diffusers' own single-file converters; the tests check this
 module against them.
+
+The last section names LoRA layers in files: which format each family's LoRA is
+written in (`LORA_FORMATS`), sd-scripts' kohya names (`kohya_lora_name`), and the
+conversion of an sd-scripts SD3 LoRA to the diffusers layout (`kohya_to_diffusers_lora`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -196,3 +200,104 @@ def to_original_state_dict(
             raise UnmappedName(f"{name}: only some of its {len(pieces)} fused parts are present")
         out[name] = torch.cat(pieces, dim=0)
     return out
+
+
+# --- LoRA files ----------------------------------------------------------------------
+#
+# Two layouts, per LoRA layer (a diffusers module `m` of the denoiser):
+#
+#   kohya      lora_unet_<name>.lora_down.weight / .lora_up.weight / .alpha
+#              (scale alpha / rank). What sd-scripts writes and ComfyUI, A1111 and
+#              diffusers' SD1/SD2/SDXL loaders read. <name> is sd-scripts' module
+#              name with dots as underscores: the diffusers name for SD1/SD2 (it
+#              trains a UNet with diffusers names), the LDM name for SDXL, the MMDiT
+#              name for SD3 (q, k and v fused into one `qkv` layer).
+#   diffusers  transformer.<m>.lora_A.weight / .lora_B.weight (peft's names), no
+#              alpha: alpha / rank is folded into lora_B, so every reader applies
+#              scale 1. diffusers' SD3 loader reads only this layout (it has no
+#              converter for sd-scripts' SD3 names and would load nothing);
+#              ComfyUI reads it too (comfy/lora.py: "transformer." + the diffusers
+#              name, mapped onto slices of the fused qkv). sd-scripts cannot read it.
+#
+# No one layout is read by all three tools for SD3, so `adt train` writes SD3
+# LoRAs in the diffusers layout and `adt eval` converts sd-scripts' SD3 files
+# (`kohya_to_diffusers_lora`) before handing them to diffusers.
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    name: str
+    down: str  # suffix of the [rank, in] factor
+    up: str  # suffix of the [out, rank] factor
+    writes_alpha: bool  # False: alpha / rank is folded into `up`
+
+
+KOHYA = LoraFormat("kohya", ".lora_down.weight", ".lora_up.weight", True)
+DIFFUSERS = LoraFormat("diffusers", ".lora_A.weight", ".lora_B.weight", False)
+LORA_FORMATS = {"sd1": KOHYA, "sd2": KOHYA, "sdxl": KOHYA, "sd3": DIFFUSERS}  # what `adt train` writes
+KOHYA_UNET_PREFIX = "lora_unet_"
+DIFFUSERS_PREFIX = {"sd1": "unet.", "sd2": "unet.", "sdxl": "unet.", "sd3": "transformer."}
+
+
+def kohya_lora_name(family: str, module: str, config: Mapping[str, Any]) -> OriginalName:
+    """sd-scripts' name of a denoiser module's LoRA layer, and where the module sits in it
+    (SD3's q, k, v: parts 0, 1, 2 of the fused `qkv` layer)."""
+    if family in ("sd1", "sd2"):
+        return OriginalName(KOHYA_UNET_PREFIX + module.replace(".", "_"))
+    target = original_name(family, module, config)
+    return OriginalName(KOHYA_UNET_PREFIX + target.name.replace(".", "_"), target.part, target.parts, target.swap)
+
+
+def lora_layer_name(family: str, module: str, config: Mapping[str, Any], fmt: LoraFormat) -> OriginalName:
+    """The layer name (without the factor suffix) a LoRA file of format `fmt` uses."""
+    if fmt is DIFFUSERS:
+        return OriginalName(DIFFUSERS_PREFIX[family] + module)
+    return kohya_lora_name(family, module, config)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def kohya_to_diffusers_lora(
+    state: Mapping[str, torch.Tensor],
+    transformer: torch.nn.Module,
+    text_encoders: Mapping[tuple[str, str], Optional[torch.nn.Module]],
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An sd-scripts SD3 LoRA (kohya names) in the diffusers layout, and the kohya layers
+    that name no module of these models (left out of the result).
+
+    `text_encoders`: {(sd-scripts prefix, diffusers prefix): encoder or None}, e.g.
+    ("lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2."). A fused qkv
+    layer (rank R, up [3 x out, R]) becomes three layers of rank R that share the down
+    factor, each with its third of the up rows: exactly the same update."""
+    targets: dict[str, list[tuple[str, OriginalName]]] = {}
+    for module in _linear_names(transformer):
+        try:
+            target = kohya_lora_name("sd3", module, transformer.config)
+        except UnmappedName:
+            continue
+        targets.setdefault(target.name, []).append(("transformer." + module, target))
+    for (kohya_prefix, diffusers_prefix), encoder in text_encoders.items():
+        if encoder is None:
+            continue
+        for module in _linear_names(encoder):
+            # sd-scripts names CLIP modules from `text_model.` (transformers 5 may lack that level)
+            name = module if module.startswith("text_model.") else "text_model." + module
+            targets.setdefault(kohya_prefix + name.replace(".", "_"), []).append((diffusers_prefix + module, OriginalName(name)))
+    out: dict[str, torch.Tensor] = {}
+    unmatched: list[str] = []
+    for layer in sorted({k.rsplit(".lora_down.weight", 1)[0] for k in state if k.endswith(".lora_down.weight")}):
+        if layer not in targets:
+            unmatched.append(layer)
+            continue
+        down, up = state[f"{layer}.lora_down.weight"].float(), state[f"{layer}.lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = state.get(f"{layer}.alpha")
+        scale = (float(alpha) if alpha is not None else rank) / rank
+        pieces = up.chunk(targets[layer][0][1].parts, dim=0)
+        for diffusers_name, target in targets[layer]:
+            piece = pieces[target.part] * scale
+            out[f"{diffusers_name}.lora_A.weight"] = down.contiguous()
+            out[f"{diffusers_name}.lora_B.weight"] = (swap_halves(piece) if target.swap else piece).contiguous()
+    return out, unmatched

@@ -106,7 +106,7 @@ def config_folder_for(config: ModelConfig, family: str) -> Path:
         raise ModelLoadError(
             f"{config.path} is a single-file {family} checkpoint; building its pipeline needs the diffusers configs "
             f"and tokenizers of {repo}, and nothing is downloaded at run time. On a machine with internet run "
-            f"`huggingface-cli download {repo} --exclude '*.safetensors' '*.bin' '*.ckpt' '*.pt' '*.onnx*' "
+            f"`hf download {repo} --exclude '*.safetensors' '*.bin' '*.ckpt' '*.pt' '*.onnx*' "
             f"'*.msgpack' --local-dir ./{repo.split('/')[-1]}-configs` and set [model] config_dir to that folder "
             f"(or convert the checkpoint to a diffusers folder and point [model] path at it)."
         ) from None

@@ -13,9 +13,12 @@ comfy/lora.py key map and diffusers' kohya converters):
     sd1, sd2   lora_unet_ + the diffusers module name, dots -> underscores
                (sd-scripts trains SD1/2 on a UNet with diffusers names)
     sdxl       lora_unet_ + the LDM name (input_blocks_4_1_transformer_blocks_0_attn1_to_q)
-    sd3        lora_unet_ + the MMDiT name (joint_blocks_0_x_block_attn_qkv): q, k and v
-               fused into one layer of rank 3r, up block-diagonal, alpha x 3 so that
-               alpha / rank is unchanged (a loader divides alpha by the fused rank)
+
+SD3 LoRAs are written in diffusers' layout instead (`transformer.<module>.lora_A /
+lora_B`, alpha / rank folded into lora_B): the only one both diffusers and ComfyUI
+read (see keymap.py). `fmt=KOHYA` writes sd-scripts' SD3 layout (lora_unet_ + the
+MMDiT name, q, k and v fused into one layer of rank 3r, up block-diagonal, alpha x 3
+so that alpha / rank is unchanged: a loader divides alpha by the fused rank).
 """
 
 from __future__ import annotations
@@ -28,22 +31,11 @@ import torch
 
 from ..fileio import atomic_save_safetensors
 from .config import LoraConfig
-from .keymap import UnmappedName, original_name, swap_halves
+from .keymap import LORA_FORMATS, LoraFormat, UnmappedName, lora_layer_name, swap_halves
 from .models import Family
-
-PREFIX = "lora_unet_"
-
 
 class LoraSetupError(ValueError):
     """A LoRA target that matches nothing, or that no kohya name exists for."""
-
-
-def kohya_module_name(family: Family, module: str, config: Mapping[str, Any]):
-    """(kohya name, part, parts, swap) of a diffusers module."""
-    if family.name in ("sd1", "sd2"):
-        return PREFIX + module.replace(".", "_"), 0, 1, False
-    target = original_name(family.name, module, config)
-    return PREFIX + target.name.replace(".", "_"), target.part, target.parts, target.swap
 
 
 def add_lora(denoiser: torch.nn.Module, family: Family, config: LoraConfig) -> list[torch.nn.Parameter]:
@@ -68,12 +60,13 @@ def add_lora(denoiser: torch.nn.Module, family: Family, config: LoraConfig) -> l
             init_lora_weights=True,
         )
     )
+    fmt = LORA_FORMATS[family.name]
     for module in lora_modules(denoiser):  # fail now, not at the first save
         try:
-            kohya_module_name(family, module, denoiser.config)
+            lora_layer_name(family.name, module, denoiser.config, fmt)
         except UnmappedName:
             raise LoraSetupError(
-                f"[lora] layer {module} has no name in the kohya LoRA format for {family.name}; "
+                f"[lora] layer {module} has no name in the {fmt.name} LoRA format for {family.name}; "
                 f"leave it out of target_modules"
             ) from None
     return [p for p in denoiser.parameters() if p.requires_grad]
@@ -99,15 +92,21 @@ def lora_modules(denoiser: torch.nn.Module) -> list[str]:
 
 
 def to_kohya(
-    family: Family, denoiser: torch.nn.Module, alpha: float, dtype: torch.dtype = torch.float16
+    family: Family,
+    denoiser: torch.nn.Module,
+    alpha: float,
+    dtype: torch.dtype = torch.float16,
+    fmt: Optional[LoraFormat] = None,
 ) -> dict[str, torch.Tensor]:
+    """The LoRA file's tensors in `fmt` (default: the family's format, LORA_FORMATS)."""
+    fmt = fmt or LORA_FORMATS[family.name]
     state = peft_state(denoiser)
     groups: dict[str, dict[str, Any]] = {}
     for module in lora_modules(denoiser):
         down, up = state[f"{module}.lora_A.weight"].float(), state[f"{module}.lora_B.weight"].float()
-        name, part, parts, swap = kohya_module_name(family, module, denoiser.config)
-        group = groups.setdefault(name, {"parts": [None] * parts})
-        group["parts"][part] = (down, swap_halves(up) if swap else up)
+        target = lora_layer_name(family.name, module, denoiser.config, fmt)
+        group = groups.setdefault(target.name, {"parts": [None] * target.parts})
+        group["parts"][target.part] = (down, swap_halves(up) if target.swap else up)
     out: dict[str, torch.Tensor] = {}
     for name, group in groups.items():
         parts = group["parts"]
@@ -122,9 +121,12 @@ def to_kohya(
                 if piece:
                     up[i * out_dim : (i + 1) * out_dim, i * rank : (i + 1) * rank] = piece[1]
             down = torch.cat(downs, dim=0)
-        out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(parts))
+        if fmt.writes_alpha:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(parts))
+        else:
+            up = up * (float(alpha) / down.shape[0])
+        out[name + fmt.down] = down.to(dtype).contiguous()
+        out[name + fmt.up] = up.to(dtype).contiguous()
     return out
 
 

@@ -1,13 +1,15 @@
 """What a run shows: a tqdm bar, TensorBoard scalars and images, and scalars.jsonl.
 
 Only the main process writes. scalars.jsonl (one JSON object per logged step)
-is always written, so a run can be read back without TensorBoard.
+is always written, so a run can be read back without TensorBoard; it is strict
+JSON: a NaN or infinite value is written as null (TensorBoard gets the value).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -48,7 +50,8 @@ class Monitor:
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.main:
             return
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
             for key, value in values.items():

@@ -1,9 +1,11 @@
 """`adt presets`: the paper's settings as TOML files, one line each.
 
-A preset is `presets/NAME.toml` at the top of the repository (or in the folder
-named by $ADT_PRESETS_DIR). It holds a `description`, may `extends` another
-preset (its values are the base, the file's own win), and otherwise has the
-sections of a run config. `--preset` also takes a path to a TOML file.
+A preset is `NAME.toml` in the package's `adt_plugin/presets/` folder (package
+data, so it ships with the wheel; or in the folder named by $ADT_PRESETS_DIR). It
+holds a `description`, may `extends` another preset or a family file
+(`families/sdxl`: see adt_plugin/presets/__init__.py; its values are the base, the
+file's own win), and otherwise has the sections of a run config. `--preset` also
+takes a path to a TOML file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ HELP = "list the bundled presets (the paper's settings), one line each"
 
 def presets_dir() -> Path:
     env = os.environ.get("ADT_PRESETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "presets"
+    if env:
+        return Path(env)
+    from .. import presets
+
+    return presets.folder()
 
 
 def available() -> dict[str, Path]:
@@ -32,6 +38,12 @@ def find_preset(name: str) -> Path:
     known = available()
     if name in known:
         return known[name]
+    if "/" in name:  # a layer such as families/sdxl: $ADT_PRESETS_DIR's, else the bundled one
+        from .. import presets
+
+        for folder in dict.fromkeys((presets_dir(), presets.folder())):
+            if (folder / f"{name}.toml").is_file():
+                return folder / f"{name}.toml"
     from .config import ConfigError
 
     close = difflib.get_close_matches(name, list(known), n=3)
@@ -52,7 +64,8 @@ def preset_layers(name: str) -> list[tuple[str, dict]]:
         path = find_preset(name)
         raw = read_toml(path)
         check_layout(raw, f"preset {path.name}")
-        layers.append((path.stem, {k: v for k, v in raw.items() if k not in ("extends", "description", "preset")}))
+        label = name if "/" in name and not name.endswith(".toml") else path.stem
+        layers.append((label, {k: v for k, v in raw.items() if k not in ("extends", "description", "preset")}))
         name = raw.get("extends", "")
     return layers[::-1]
 

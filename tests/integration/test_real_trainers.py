@@ -75,7 +75,7 @@ class TestSdScripts:
                       f"t.tiny_image_folder(Path({str(root / 'data')!r}))")
         return root, python
 
-    def train(self, world, out, *extra, script="train_network.py", adt=True):
+    def train(self, world, out, *extra, script="train_network.py", adt=True, backbone=None, **env):
         root, python = world
         cmd = [python, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "2", "--mixed_precision", "no"]
         cmd += ["-m", "adt_plugin.kohya.launch"] if adt else []
@@ -85,9 +85,9 @@ class TestSdScripts:
                 "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--sdpa", "--seed", "1", "--cache_latents",
                 "--max_data_loader_n_workers", "0", *extra]
         if adt:
-            cmd += ["--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
+            cmd += ["--adt_backbone_path", backbone or root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
                     "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
-        return run(cmd)
+        return run(cmd, **env)
 
     def test_train_save_prune_state_and_resume(self, world, tmp_path):
         root, python = world
@@ -140,6 +140,14 @@ class TestSdScripts:
         assert result["logs"]["loss/G"] == result["logs"]["loss/G"]  # not NaN
         assert result["d_only_grads"] == 0 and result["g_grads"] >= 0.8 * result["params"] > 0
         assert result["decoded"] == [1, 3, 64, 64] and result["decode_grad"] is True
+
+    def test_a_missing_backbone_stops_before_sd_scripts_loads_the_model(self, world, tmp_path):
+        rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", backbone="facebook/dinov2-small",
+                             HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+        assert rc != 0
+        assert "adt_plugin.kohya: DINOv2 backbone 'facebook/dinov2-small': not a local folder and not in the Hugging Face cache" in log
+        assert "hf download facebook/dinov2-small --local-dir ./dinov2-small" in log
+        assert "load Diffusers pretrained models" not in log, log[-3000:]
 
     def test_unknown_adt_option_in_a_config_file_is_named(self, world, tmp_path):
         config = tmp_path / "c.toml"
@@ -208,7 +216,7 @@ class TestOneTrainer:
         checkout = root / "OneTrainer"
         shutil.copytree(ONETRAINER, checkout, ignore=shutil.ignore_patterns("venv", ".venv", "conda_env", "workspace*", ".git"),
                         symlinks=True)
-        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--python", python])
+        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--no-pip"])  # python has adt-plugin
         assert rc == 0, out
         build(python, f"t.tiny_sd15_full_diffusers(Path({str(root / 'sd15')!r}))\n"
                       f"t.tiny_dinov2_folder(Path({str(root / 'dinov2')!r}))\n"
@@ -238,10 +246,22 @@ class TestOneTrainer:
         path.write_text(json.dumps(config))
         return path
 
-    def train(self, world, config: Path):
+    def train(self, world, config: Path, **env):
         _, python, checkout = world
         return run([python, "scripts/train.py", "--preset-path", "training_presets/SD1.5/#sd 1.5 LoRA ADT.json",
-                    "--config-path", config], cwd=checkout)
+                    "--config-path", config], cwd=checkout, **env)
+
+    def test_a_missing_backbone_stops_before_onetrainer_loads_the_model(self, world, tmp_path):
+        root, _, _ = world
+        workspace = tmp_path / "ws"
+        adt = {"backbone_path": "facebook/dinov2-small", "taps": [1, 3], "head_channels": 8}
+        rc, log = self.train(world, self.config(world, workspace, adt=adt), HF_HUB_OFFLINE="1",
+                             HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+        assert rc != 0
+        assert "DINOv2 backbone 'facebook/dinov2-small': not a local folder and not in the Hugging Face cache" in log
+        assert "set adt.backbone_path to that folder" in log
+        # raised where the trainer creates its model loader, before the loader ran
+        assert "create_model_loader" in log and "model_loader.load" not in log, log[-3000:]
 
     def test_preset_trains_saves_backs_up_and_continues(self, world, tmp_path):
         _, python, checkout = world
@@ -270,5 +290,5 @@ class TestOneTrainer:
         assert rc == 0, out
         assert not (checkout / "modules" / "modelSetup" / "adt_plugin_shim.py").exists()
         assert not list((checkout / "training_presets").rglob("*ADT*"))
-        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--python", python])  # back, for reruns
+        rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--no-pip"])  # back, for reruns
         assert rc == 0, out

@@ -17,6 +17,11 @@ Mirrors Nerogar/OneTrainer master @ 23df3832e8f213d64c337e39f9365ba46e99fed0:
                                      lr_scheduler.step(); zero_grad(set_to_none=True); report_to_tensorboard;
                                      after_optimizer_step; train_progress.next_step(batch_size)
   modules/modelSaver/GenericLoRAModelSaver.py save(model, model_type, output_model_format, output_model_destination, dtype)
+  modules/trainer/BaseTrainer.py     __init__(config, callbacks, commands) keeps `config`; create_model_loader(self),
+                                     create_model_setup(self) (through modules/util/create.py)
+  modules/trainer/GenericTrainer.py  start(): create_model_loader -> create_model_setup -> (configure_hub) ->
+                                     model_loader.load(model_type, model_names, weight_dtypes, quantization) ->
+                                     setup_optimizations / setup_train_device / setup_model
 """
 
 from __future__ import annotations
@@ -334,3 +339,33 @@ def train(setup, model, config, batches, scaler=None, clip_grad_norm=1.0):
             weights.append(model.lora.weight.detach().clone())
         train_progress.next_step(config.batch_size)
     return losses, weights, tensorboard
+
+
+# -- modules/modelLoader + modules/trainer/BaseTrainer.py + GenericTrainer.start() (up to the model setup) ------
+class StableDiffusionLoRAModelLoader:
+    loads: list = []  # every load() of any instance: a test reads whether the model was loaded at all
+
+    def load(self, model_type, model_names, weight_dtypes, quantization):
+        StableDiffusionLoRAModelLoader.loads.append(model_names)
+        return StableDiffusionModel()
+
+
+class BaseTrainer:
+    def __init__(self, config, callbacks=None, commands=None):
+        self.config = config
+        self.callbacks, self.commands = callbacks, commands
+
+    def create_model_loader(self):
+        return StableDiffusionLoRAModelLoader()
+
+    def create_model_setup(self):
+        return StableDiffusionLoRASetup(torch.device("cpu"), torch.device("cpu"))
+
+
+class GenericTrainer(BaseTrainer):
+    def start(self):
+        self.model_loader = self.create_model_loader()
+        self.model_setup = self.create_model_setup()
+        self.model = self.model_loader.load(self.config.model_type, "base-model", None, None)
+        self.model_setup.setup_train_device(self.model, self.config)
+        self.model_setup.setup_model(self.model, self.config)

@@ -196,3 +196,14 @@ def test_no_graph_rollout_steps_run_in_inference_mode_and_give_ordinary_tensors(
     assert not result.sample.is_inference() and result.sample.requires_grad
     result.sample.sum().backward()
     assert isinstance(rollout, Rollout)
+
+
+def test_adt_trains_progress_bar_shows_the_compute_spent(tmp_path):
+    from adt_plugin.train.monitor import Monitor
+
+    monitor = Monitor(tmp_path, total=3, initial=0, main=True, tensorboard=False, echo=lambda *_: None)
+    monitor.bar.disable = False  # shown even without a terminal, for this test
+    out = make_adt(g_every=1, adt_every=2)(TinyAdapter(TinyDenoiser()), batch())
+    monitor.advance(out.logs)
+    assert "ft_steps=1" in str(monitor.bar.postfix)  # an FT step of the mix: one FT step spent
+    monitor.close()

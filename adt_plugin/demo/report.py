@@ -72,6 +72,11 @@ def summarize(records: Sequence[Mapping[str, Any]], settings: Sequence[str], arm
             name: {m: stats([_metric(by[name, s], setting, m) for s in seeds]) for m in METRICS} for name in arms
         }
     for name in arms:
+        if "eps_scaling" in by[name, seeds[0]]:  # the factors picked for each setting, per seed
+            out.setdefault("eps_factors", {})[name] = {
+                k: [by[name, s]["eps_scaling"]["factors"][k] for s in seeds] for k in settings
+            }
+    for name in arms:
         out["diff_loss"][name] = stats([by[name, s]["diff_loss"] for s in seeds])
         out["cost"][name] = {f: stats([_cost_value(by[name, s], f) for s in seeds]) for f in COST_FIELDS}
     for key, a, b, _ in PAIRS:
@@ -126,6 +131,11 @@ def tables(summary: Mapping[str, Any], labels: Mapping[str, str], arms: Sequence
     rows = [[name, *(f"{summary['cost'][name][f]['mean']:.{0 if f != 'train_seconds' else 1}f}" for f in COST_FIELDS)]
             for name in arms if name in summary["cost"]]
     blocks.append(("compute per run (mean over seeds; denoiser forward-equivalents, an FT step = 3)", header, rows))
+    if summary.get("eps_factors"):
+        header = ["arm", "setting", "factor per seed"]
+        rows = [[name, labels.get(k, k), ", ".join(f"{f:g}" for f in per_seed)]
+                for name, per in summary["eps_factors"].items() for k, per_seed in per.items()]
+        blocks.append(("epsilon scaling: the factor picked on the fine-tuning images (1 = no scaling)", header, rows))
     return blocks
 
 

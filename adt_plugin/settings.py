@@ -5,7 +5,10 @@ OneTrainer's `adt` config section all map onto these fields, so a setting has on
 name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50), except
 how the two generator terms are balanced and which real image a rollout is scored
 against (adv_balance, adv_ratio, reference: what the digits study found; the paper's
-formulation is adv_balance="none", reference="self").
+formulation is adv_balance="none", reference="self"), and what a run spends its
+compute on (g_every, k_graph_steps, adt_every, rollout_buffer, rollout_share, adv_ratio:
+what the compute study found, docs/demo.md "What ADT costs"; the paper: g_every=5,
+k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ class AdtSettings:
     num_inference_steps: int = 50
     guidance_scale: float = 7.0
     grad_mode: str = "adt"  # adt (Eq. 11) | drtune (Eq. 4, ablation)
-    k_graph_steps: int = 3
+    k_graph_steps: int = 0
     gradient_checkpointing: bool = False
     # generator side
-    g_every: int = 5  # H: the generator loss is returned every H-th iteration
+    g_every: int = 1  # H: the generator loss is returned every H-th iteration
     lambda_diff: float = 0.5
     g_warmup_steps: int = 500
     # Decode for the discriminator with a tiny autoencoder (a local AutoencoderTiny
@@ -51,7 +54,7 @@ class AdtSettings:
     # (See docs/demo.md, "What the digits study found": taken literally, the adversarial gradient is
     # ~10x the diffusion gradient and wrecks the samples.)
     adv_balance: str = "grad"
-    adv_ratio: float = 0.3
+    adv_ratio: float = 1.0
     adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
     # where the generator's diffusion term is taken: uniform = at a training timestep drawn
     # as FT draws it, from its own noise (one more denoiser forward + backward per generator
@@ -68,7 +71,7 @@ class AdtSettings:
     # discriminator, adversarial term); the others are plain FT steps (the diffusion loss at a
     # uniform timestep: 1 forward + 1 backward, no rollout). adt_start = generator steps before
     # this one are all FT steps (an FT phase, then ADT).
-    adt_every: int = 1
+    adt_every: int = 4
     adt_start: int = 0
     # rollout_buffer = n > 0: the latest n rollouts (their decoded samples with the real images
     # they are scored against) are kept, and a discriminator step between rollouts takes one of
@@ -76,10 +79,10 @@ class AdtSettings:
     # then makes no denoiser call at all, and an FT step of the mix (adt_every > 1) takes a
     # discriminator step as well. 0 = every discriminator step has a fresh rollout of its own
     # (the paper), FT steps take none. Saved with the strategy's state (resume is exact).
-    rollout_buffer: int = 0
+    rollout_buffer: int = 1
     # the share of the batch that rolls out (and that the discriminator sees), ceil(share x B) >= 1
     # rows; the diffusion term (diff_timestep = uniform) still uses the whole batch
-    rollout_share: float = 1.0
+    rollout_share: float = 0.25
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2

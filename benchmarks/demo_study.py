@@ -41,6 +41,17 @@ VARIANTS: dict[str, dict] = {
     "share25_k0": {"adt_every": 1, "k_graph_steps": 0, "rollout_buffer": 0, "rollout_share": 0.25},
     "share25_mix2_k0": {"adt_every": 2, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 0.25},
     "phase_k0": {"adt_every": 1, "adt_start": 200, "k_graph_steps": 0, "rollout_buffer": 0, "rollout_share": 1.0},
+    "share25_mix2_k0_ratio1": {"adt_every": 2, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 0.25,
+                               "adv_ratio": 1.0},
+    "share25_mix4_k0_ratio1": {"adt_every": 4, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 0.25,
+                               "adv_ratio": 1.0},
+    "share12_mix4_k0_ratio1": {"adt_every": 4, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 0.125,
+                               "adv_ratio": 1.0},
+    "share25_mix8_k0_ratio1": {"adt_every": 8, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 0.25,
+                               "adv_ratio": 1.0},
+    "share25_mix4_k0_ratio3": {"adt_every": 4, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 0.25,
+                               "adv_ratio": 3.0},
+    "share25_k0_ratio1": {"adt_every": 1, "k_graph_steps": 0, "rollout_buffer": 0, "rollout_share": 0.25, "adv_ratio": 1.0},
     # the control: the mix without the adversarial term (FT with ADT's draws and rollouts)
     "mix4_k0_control": {"adt_every": 4, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 1.0, "adv_ratio": 0.0},
     # --- the formulation (the equal-iterations study before; see docs/demo.md) ---

@@ -9,6 +9,10 @@ Conditioning is a plain dict of tensors batched along dim 0 (for SD1.x
 SD3 adds ``pooled_projections``; the digits demo uses ``{"labels": ...}``), so
 that the core can batch the conditional and unconditional passes of
 classifier-free guidance into one forward without knowing what the keys mean.
+
+A denoiser that takes the guidance value as an input (FLUX.1-dev, guidance-
+distilled) finds it under `GUIDANCE_KEY` (shape [B]); the rollout puts it there.
+Where the key is absent (training-time calls) the model's family says what to use.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 import torch
 
 Cond = Mapping[str, Optional[torch.Tensor]]
+
+#: the conditioning key of an embedded guidance value (one float per sample)
+GUIDANCE_KEY = "guidance"
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ import torch
 
 from .adapter import Cond
 from .checkpoint import load_discriminator, save_discriminator
-from .strategies import LossStrategy, StrategyOutput, TrainBatch
+from .strategies import STRATEGIES, LossStrategy, StrategyOutput, TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ def loop_loss(out: StrategyOutput, zero_grad_params: Optional[Iterable[torch.Ten
     return value + zero
 
 
+GENERATOR_STEPS = "generator_steps"  # discriminator-file metadata: StrategyRunner.generator_steps
+
+
 class StrategyRunner:
     """One strategy inside a foreign loop: decisions, logs, checkpoints.
 
@@ -95,6 +98,9 @@ class StrategyRunner:
         self.strategy = strategy
         self.updates_generator = True  # the decision of the latest call (= of its window)
         self.logs: dict[str, float] = {}
+        #: windows that updated the generator so far; saved with the discriminator, so a
+        #: resumed run counts on
+        self.generator_steps = 0
 
     @property
     def micro_batches(self) -> int:
@@ -116,8 +122,11 @@ class StrategyRunner:
         out = self.strategy(adapter, TrainBatch(x0=x0, cond=cond))
         if closes_window:
             self.strategy.close_window()
+        closes = closes_window if closes_window is not None else self.strategy.step % self.micro_batches == 0
+        if out.updates_generator and closes:
+            self.generator_steps += 1
         self.updates_generator = out.updates_generator
-        self.logs = dict(out.logs)
+        self.logs = {**out.logs, "adt/generator_steps": float(self.generator_steps)}
         return loop_loss(out, zero_grad_params)
 
     def generator_lr_factor(self) -> float:
@@ -131,10 +140,12 @@ class StrategyRunner:
     def save(self, path: str | Path, extra_metadata: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
         if not self.has_discriminator:
             return None
-        return save_discriminator(path, self.strategy, extra_metadata)
+        return save_discriminator(path, self.strategy, {**(extra_metadata or {}), GENERATOR_STEPS: str(self.generator_steps)})
 
     def load(self, path: str | Path) -> dict[str, str]:
-        return load_discriminator(path, self.strategy)
+        metadata = load_discriminator(path, self.strategy)
+        self.generator_steps = int(metadata.get(GENERATOR_STEPS, 0))
+        return metadata
 
 
 class GeneratorStepGate:
@@ -203,4 +214,28 @@ class GeneratorStepGate:
                 del self.optimizer.step
 
 
-__all__ = ["FunctionAdapter", "GeneratorStepGate", "StrategyRunner", "loop_loss"]
+def start_line(settings: Any, model_label: str) -> str:
+    """What a trainer plugin prints at start: the strategy and what it does with its settings
+    (the rollout, CFG and H only where the strategy has them)."""
+    s = settings
+    if s.strategy == "adt":
+        what = (
+            f"rollout {s.sampler} x {s.num_inference_steps} steps (graph through {s.k_graph_steps}), "
+            f"CFG {s.guidance_scale}, {s.discriminator} discriminator on {s.backbone_path} taps "
+            f"{','.join(map(str, s.taps))}, generator update every {s.g_every} iteration(s)"
+        )
+    elif s.strategy == "ft":
+        what = "plain diffusion loss at uniform timesteps, a generator update every iteration"
+    elif s.strategy == "ip":
+        what = f"input perturbation (DDPM-IP) gamma {s.ip_gamma}, a generator update every iteration"
+    elif s.strategy == "at":
+        what = (
+            f"adversarial input perturbation, {s.at_steps} replays, epsilon {s.at_epsilon}, step {s.at_step_size}, "
+            "a generator update every iteration"
+        )
+    else:  # a strategy registered later: its one-line description
+        what = getattr(STRATEGIES.get(s.strategy), "description", "")
+    return f"ADT: strategy {s.strategy}, {model_label}: {what}"
+
+
+__all__ = ["FunctionAdapter", "GeneratorStepGate", "StrategyRunner", "loop_loss", "start_line"]

@@ -3,19 +3,23 @@
 Noise-prediction models (SD1.x/2.x, SDXL):  x_t = alpha_t x0 + sigma_t eps,
     alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]);
     target eps ("epsilon") or v = alpha_t eps - sigma_t x0 ("v_prediction").
-Flow-matching models (SD3):  x_t = (1 - s) x0 + s eps with s = t / T;
+Flow-matching models (SD3, FLUX, Z-Image):  x_t = (1 - s) x0 + s eps with s = t / T;
     target velocity eps - x0 ("flow").
+
+Flow training timesteps are warped by the family's shift, which for FLUX.1-dev
+depends on the latent size as its inference schedule does (`ModelFamily.train_shift`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .families import ModelFamily, family_for_scheduler
 from .samplers import is_flow_config
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
@@ -49,8 +53,9 @@ def _bcast(value, like: torch.Tensor) -> torch.Tensor:
 class NoiseSchedule:
     """The model's training-time forward process, built from its scheduler config."""
 
-    def __init__(self, scheduler_config: Mapping[str, Any]):
+    def __init__(self, scheduler_config: Mapping[str, Any], family: Optional[ModelFamily] = None):
         self.config = dict(scheduler_config)
+        self.family = family or family_for_scheduler(scheduler_config)
         self.prediction_type = prediction_type_of(scheduler_config)
         self.num_train_timesteps = int(self.config.get("num_train_timesteps", 1000))
         self.flow = self.prediction_type == "flow"
@@ -81,10 +86,15 @@ class NoiseSchedule:
         return prediction_target(self.prediction_type, x0, noise, alpha, sigma)
 
     def sample_timesteps(
-        self, batch_size: int, generator: torch.Generator, weighting: str = "uniform"
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        weighting: str = "uniform",
+        latent_size: Optional[tuple[int, int]] = None,
     ) -> torch.Tensor:
         """Training timesteps: uniform integers for noise-prediction models; for flow
-        models s = shift-warped uniform or logit-normal, returned as t = s * T."""
+        models s = shift-warped uniform or logit-normal, returned as t = s * T, with
+        the family's shift for a latent of `latent_size` (h, w) where it depends on it."""
         if not self.flow:
             return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
         if weighting == "logit_normal":
@@ -93,7 +103,8 @@ class NoiseSchedule:
             u = torch.rand(batch_size, generator=generator)
         else:
             raise ValueError(f"unknown timestep weighting {weighting!r}; expected uniform or logit_normal")
-        s = self.shift * u / (1 + (self.shift - 1) * u)
+        shift = self.family.train_shift(self.config, latent_size) if latent_size is not None else self.shift
+        s = shift * u / (1 + (shift - 1) * u)
         return s * self.num_train_timesteps
 
 

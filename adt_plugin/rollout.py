@@ -19,6 +19,14 @@ Only the first step (whose prediction also feeds the diffusion loss) and K furth
 steps drawn among the rest call the denoiser with a graph; every other step runs
 under torch.inference_mode (its output copied out), so a generator iteration holds
 activations for at most K + 1 calls.
+
+Guidance is the model family's (`families`): "cfg" batches the conditional and
+unconditional passes, eps = eps_u + w (eps_c - eps_u); "embedded" (FLUX.1-dev)
+hands the value to the denoiser in the conditioning, one pass; "none" (FLUX.1-
+schnell, Z-Image-Turbo) is one plain pass. Every mode is affine in the denoiser's
+outputs, so Eq. 11 holds unchanged. The timesteps are set per latent size as the
+family's pipeline sets them (FLUX.1-dev shifts them by the image's token count):
+one prepared scheduler per size, built on first use.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .adapter import Cond, ModelAdapter, guided_denoise
+from .families import ModelFamily, family_for_scheduler, guidance_cond
 from .noise import noised_start, prediction_target, prediction_type_of, start_levels
 from .samplers import build_scheduler, detach_history, fresh_copy, resolve_sampler_name
 
@@ -87,13 +96,42 @@ class RolloutResult:
 
 
 class Rollout:
-    """A sampler prepared once from the model's scheduler config; each `run` works
-    on a private copy of it."""
+    """A sampler prepared from the model's scheduler config and family; each `run`
+    works on a private copy of the scheduler prepared for its latent size."""
 
-    def __init__(self, scheduler_config: Mapping[str, Any], config: RolloutConfig, device: Any = None):
+    def __init__(
+        self,
+        scheduler_config: Mapping[str, Any],
+        config: RolloutConfig,
+        device: Any = None,
+        family: Optional[ModelFamily] = None,
+    ):
         self.config = config
+        self.scheduler_config = dict(scheduler_config)
+        self.family = family or family_for_scheduler(scheduler_config)
+        self.device = device
         self.prediction_type = prediction_type_of(scheduler_config)
-        self.template = build_scheduler(scheduler_config, config.sampler, config.num_inference_steps, device)
+        if self.family.prediction and (self.family.prediction == "flow") != (self.prediction_type == "flow"):
+            raise ValueError(
+                f"the scheduler config ({scheduler_config.get('_class_name', 'unknown')}) is a {self.prediction_type} "
+                f"one, but {self.family.label} is a {self.family.prediction} model: pass the model's own scheduler config"
+            )
+        self.family.guidance.check(config.guidance_scale, self.family.label)
+        self._schedulers: dict[tuple[int, int], Any] = {}
+        # The scheduler at the family's usual size: builds (and so checks) the sampler now.
+        self.template = self.scheduler_for(self.family.default_latent_size)
+
+    def scheduler_for(self, shape: Sequence[int]):
+        """The prepared scheduler for latents of `shape` ([..., H, W] or (H, W)); cached.
+        Do not step it: `run` and `start` work on copies."""
+        size = (int(shape[-2]), int(shape[-1]))
+        if not self.family.depends_on_size(self.scheduler_config) and self._schedulers:
+            return next(iter(self._schedulers.values()))  # one schedule for every size
+        if size not in self._schedulers:
+            self._schedulers[size] = build_scheduler(
+                self.scheduler_config, self.config.sampler, self.config.num_inference_steps, self.device, self.family, size
+            )
+        return self._schedulers[size]
 
     @property
     def schedule_length(self) -> int:
@@ -111,14 +149,15 @@ class Rollout:
 
     def start(self, x0: torch.Tensor, noise: torch.Tensor, plan: RolloutPlan) -> torch.Tensor:
         """x_ts: `x0` noised to the plan's first timestep, in the sampler's sample space."""
-        return noised_start(fresh_copy(self.template, plan.begin_index), x0, noise, plan.begin_index)
+        return noised_start(fresh_copy(self.scheduler_for(x0.shape), plan.begin_index), x0, noise, plan.begin_index)
 
-    def start_timestep(self, plan: RolloutPlan) -> torch.Tensor:
-        return self.template.timesteps[plan.begin_index]
+    def start_timestep(self, plan: RolloutPlan, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        scheduler = self.template if shape is None else self.scheduler_for(shape)
+        return scheduler.timesteps[plan.begin_index]
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, plan: RolloutPlan) -> torch.Tensor:
         """The diffusion-loss target for the first step's prediction (the model's own type)."""
-        alpha, sigma = start_levels(self.template, plan.begin_index, self.prediction_type)
+        alpha, sigma = start_levels(self.scheduler_for(x0.shape), plan.begin_index, self.prediction_type)
         return prediction_target(self.prediction_type, x0, noise, alpha, sigma)
 
     def run(
@@ -133,15 +172,24 @@ class Rollout:
         mode = grad_mode or self.config.grad_mode
         if mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {mode!r}")
-        guidance = self.config.guidance_scale
         if mode == "off":
             with torch.no_grad():
-                return self._run(model, x_start, cond, plan, mode, guidance, record)
-        return self._run(model, x_start, cond, plan, mode, guidance, record)
+                return self._run(model, x_start, cond, plan, mode, record)
+        return self._run(model, x_start, cond, plan, mode, record)
 
-    def _run(self, model, x_start, cond, plan, mode, guidance, record) -> RolloutResult:
-        uncond = model.uncond(cond) if guidance > 1.0 else None
-        scheduler = fresh_copy(self.template, plan.begin_index)
+    def guided_inputs(self, model: ModelAdapter, cond: Cond, like: torch.Tensor) -> tuple[Cond, Optional[Cond], Optional[float]]:
+        """(conditioning, unconditional conditioning or None, CFG scale or None) for the
+        family's guidance mode and the configured guidance value."""
+        guidance = self.family.guidance
+        value = self.config.guidance_scale
+        if guidance.mode == "embedded":
+            return guidance_cond(cond, value, like), None, None
+        scale = guidance.cfg_scale(value)
+        return cond, (model.uncond(cond) if scale is not None else None), scale
+
+    def _run(self, model, x_start, cond, plan, mode, record) -> RolloutResult:
+        cond, uncond, scale = self.guided_inputs(model, cond, x_start)
+        scheduler = fresh_copy(self.scheduler_for(x_start.shape), plan.begin_index)
         timesteps: Sequence[torch.Tensor] = scheduler.timesteps[plan.begin_index :]
         trace: Optional[list[StepRecord]] = [] if record else None
         x = x_start
@@ -152,11 +200,11 @@ class Rollout:
             x_in = x.detach()  # sg(x): the denoiser never sees the path's graph
             if with_graph:
                 model_input = _scale_model_input(scheduler, x_in, t)
-                out, out_cond = self._denoise(model, model_input, t, cond, uncond, guidance, True)
+                out, out_cond = self._denoise(model, model_input, t, cond, uncond, scale, True)
             else:
                 with torch.inference_mode():  # no graph, and no autograd bookkeeping at all
                     model_input = _scale_model_input(scheduler, x_in, t)
-                    out, out_cond = self._denoise(model, model_input, t, cond, uncond, guidance, False)
+                    out, out_cond = self._denoise(model, model_input, t, cond, uncond, scale, False)
                 # Inference tensors may not enter autograd later (the straight-through sum, a
                 # multistep sampler's history used at a graph step): a copy outside inference
                 # mode is an ordinary tensor, for the price of copying one output.
@@ -181,9 +229,12 @@ class Rollout:
             detach_history(scheduler)
         return RolloutResult(x, first_prediction, plan, graph_calls, trace)
 
-    def _denoise(self, model, model_input, t, cond, uncond, guidance, with_graph):
+    def _denoise(self, model, model_input, t, cond, uncond, scale, with_graph):
+        """(guided output, conditional output); `scale` None: one conditional pass."""
+        if scale is None or uncond is None:
+            scale, uncond = 1.0, None
         if with_graph and self.config.gradient_checkpointing:
-            if uncond is None or guidance <= 1.0:
+            if uncond is None:
                 return checkpoint(lambda inp: guided_denoise(model, inp, t, cond, None, 1.0), model_input, use_reentrant=False)
             # Guidance as two checkpointed halves, not one batch of 2B: backward then
             # recomputes one batch-B forward at a time, so a graph step's peak is that
@@ -192,8 +243,8 @@ class Rollout:
                 return checkpoint(lambda inp: guided_denoise(model, inp, t, c, None, 1.0)[0], model_input, use_reentrant=False)
 
             out_uncond, out_cond = half(uncond), half(cond)
-            return out_uncond + guidance * (out_cond - out_uncond), out_cond
-        return guided_denoise(model, model_input, t, cond, uncond, guidance)
+            return out_uncond + scale * (out_cond - out_uncond), out_cond
+        return guided_denoise(model, model_input, t, cond, uncond, scale)
 
 
 def _scale_model_input(scheduler, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Inference samplers the rollout can run: a name -> diffusers scheduler registry.
 
 Every sampler is built from the *model's own* scheduler config (beta schedule,
-prediction type, timestep spacing, shift), so that the rollout follows exactly the
+prediction type, timestep spacing, shift), and its timesteps are set as the model
+family's pipeline sets them for the latent size at hand (FLUX's sigmas and
+resolution-dependent shift: `families`), so that the rollout follows exactly the
 path the user's inference follows. Adding a sampler is one entry in `SAMPLERS`.
 
 The backward-path constraint (Eq. 11) needs `step()` to be affine in the model
@@ -15,7 +17,7 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from diffusers import (
     DDIMScheduler,
@@ -24,6 +26,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .families import ModelFamily, family_for_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +82,16 @@ def resolve_sampler_name(name: str) -> str:
 
 
 def build_scheduler(
-    scheduler_config: Mapping[str, Any], sampler: str, num_inference_steps: int, device: Any = None
+    scheduler_config: Mapping[str, Any],
+    sampler: str,
+    num_inference_steps: int,
+    device: Any = None,
+    family: Optional[ModelFamily] = None,
+    latent_size: Optional[tuple[int, int]] = None,
 ) -> SchedulerMixin:
-    """A scheduler for `sampler`, from the model's scheduler config, with timesteps set."""
+    """A scheduler for `sampler`, from the model's scheduler config, with timesteps set
+    as `family`'s pipeline sets them for a latent of `latent_size` (h, w); default: the
+    facts of a bare scheduler config at the family's usual size."""
     name = resolve_sampler_name(sampler)
     spec = SAMPLERS[name]
     flow_model = is_flow_config(scheduler_config)
@@ -101,7 +112,8 @@ def build_scheduler(
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     scheduler = spec.scheduler_class.from_config(config)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    family = family or family_for_scheduler(scheduler_config)
+    family.set_timesteps(scheduler, num_inference_steps, tuple(latent_size or family.default_latent_size), device)
     return scheduler
 
 

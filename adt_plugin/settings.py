@@ -161,7 +161,11 @@ class AdtSettings:
     def from_mapping(cls, values: Mapping[str, Any], source: str = "settings") -> "AdtSettings":
         """Build from a TOML section / dict; unknown keys and wrong types are errors
         that name the key, where it came from, and the closest valid key."""
-        return cls(**coerce_fields(cls, values, source))
+        coerced = coerce_fields(cls, values, source)
+        try:
+            return cls(**coerced)
+        except SettingsError as err:  # a value out of range: say where it came from
+            raise SettingsError(f"{source}: {err}") from None
 
 
 def _one_of(allowed: tuple[str, ...]) -> str:

@@ -84,6 +84,40 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Guidance:
+    """How a cell applies the node's `cfg`, as ComfyUI's own workflows do for the model's
+    family (adt_plugin/families: its guidance mode):
+
+    cfg        KSampler cfg = the value, against the negative prompt (SD1.x, SDXL, SD3)
+    embedded   FluxGuidance: the value goes into the positive conditioning ("guidance"),
+               KSampler cfg 1 (FLUX.1-dev: guidance-distilled, one pass per step)
+    none       KSampler cfg 1 (FLUX.1-schnell, Z-Image-Turbo: distilled without guidance);
+               a cfg that would guide is refused (it would double the cost and leave the
+               distribution the model was distilled for)
+    """
+
+    ksampler_cfg: float
+    conditioning: Optional[float] = None  # the FluxGuidance value, or None
+    note: str = ""
+
+    @classmethod
+    def for_family(cls, family: Any, cfg: float) -> "Guidance":
+        if family is None:  # a model ADT has no family for: KSampler's cfg, as given
+            return cls(cfg)
+        mode = family.guidance.mode
+        if mode == "embedded":
+            return cls(1.0, cfg, f"{family.label}: cfg {cfg:g} applied as FluxGuidance (guidance {cfg:g}), KSampler cfg 1")
+        if mode == "none":
+            if cfg > 1.0:
+                raise ValueError(
+                    f"{family.label} is guidance-distilled: it samples without guidance (KSampler cfg 1); "
+                    f"cfg = {cfg:g} would run a second, unconditional pass it was not made for: set cfg to 1"
+                )
+            return cls(1.0, None, f"{family.label}: no guidance (KSampler cfg 1)")
+        return cls(cfg)
+
+
+@dataclass(frozen=True)
 class ColumnChoice:
     """One column as the node's inputs give it: a LoRA choice, strength, label, and
     optionally the column's own MODEL / CLIP."""

@@ -313,18 +313,37 @@ def apply_lora(model, clip, variant: core.Variant):
     return new_model, new_clip, fit
 
 
+def model_family(model) -> Optional[Any]:
+    """The ADT model family of a ComfyUI MODEL, from its weights' names (nothing is
+    copied), or None for a model ADT has no family for."""
+    from adt_plugin.families import FamilyError, family_for
+
+    try:
+        return family_for(model.model.state_dict())
+    except (FamilyError, AttributeError):
+        return None
+
+
 def sample_column(model, clip, vae, rows: Sequence[core.Row], prompts: Sequence[str], sampling: Sampling, bar) -> torch.Tensor:
-    """Every row of one column, each cell like a KSampler with the row's seed: [rows, H, W, 3]."""
+    """Every row of one column, each cell like a KSampler with the row's seed: [rows, H, W, 3].
+    The cfg is applied as ComfyUI's workflows do for the model's family (core.Guidance:
+    FLUX.1-dev's through FluxGuidance with KSampler cfg 1)."""
     import comfy.model_management as mm
     import nodes
 
+    guidance = core.Guidance.for_family(model_family(model), sampling.cfg)
     positive = {p: _encode(clip, text) for p, text in enumerate(prompts)}
+    if guidance.conditioning is not None:
+        import node_helpers
+
+        positive = {p: node_helpers.conditioning_set_values(c, {"guidance": guidance.conditioning}) for p, c in positive.items()}
     negative = _encode(clip, sampling.negative)
     images = []
     for row in rows:
         mm.throw_exception_if_processing_interrupted()
+        # 4 channels: ComfyUI widens an empty latent to the model's own (16 for SD3 / FLUX)
         latent = {"samples": torch.zeros([1, 4, sampling.height // 8, sampling.width // 8], device=mm.intermediate_device())}
-        (out,) = nodes.common_ksampler(model, row.seed, sampling.steps, sampling.cfg, sampling.sampler_name,
+        (out,) = nodes.common_ksampler(model, row.seed, sampling.steps, guidance.ksampler_cfg, sampling.sampler_name,
                                        sampling.scheduler, positive[row.prompt_index], negative, latent)
         decoded = vae.decode(out["samples"])
         if decoded.ndim == 5:
@@ -352,6 +371,7 @@ def run_compare(hidden: Hidden, model, clip, vae, prompts: PromptSet, sampling: 
             lora_hashes[variant.lora] = core.file_sha256(fits[variant.slot].path) if hash_files else None
         patched[variant.slot] = (v_model, v_clip)
     variants = [dataclasses.replace(v, warning=fits[v.slot].warning) if v.slot in fits else v for v in variants]
+    guidance_notes = {core.Guidance.for_family(model_family(m), sampling.cfg).note for m, _ in patched.values()}  # refuses before sampling
 
     bar = comfy.utils.ProgressBar(len(rows) * len(variants))
     batches = [sample_column(*patched[v.slot], vae, rows, prompts.prompts, sampling, bar) for v in variants]
@@ -361,6 +381,8 @@ def run_compare(hidden: Hidden, model, clip, vae, prompts: PromptSet, sampling: 
     for v in variants:
         if v.warning:
             comparison = comparison.with_note(f"column {v.slot}: LoRA {v.lora}: {v.warning}")
+    for note in sorted(n for n in guidance_notes if n):
+        comparison = comparison.with_note(note)
     h, w = batches[0].shape[1:3]
     by_variant = {v.slot: b for v, b in zip(variants, batches)}
     separate = [by_variant.get(slot, core.skipped_column_image(slot, h, w)) for slot in core.SLOTS]

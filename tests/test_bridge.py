@@ -105,7 +105,7 @@ def test_accelerate_skip_hook_clears_the_grad_scaler_and_lets_the_scheduler_adva
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.scheduler import AcceleratedScheduler
 
-    from adt_plugin.kohya.trainer import accelerate_skip_hook
+    from adt_plugin.kohya.internals import skipped_step_cleanup
 
     Accelerator(cpu=True)
     p = torch.nn.Parameter(torch.ones(4))
@@ -113,7 +113,7 @@ def test_accelerate_skip_hook_clears_the_grad_scaler_and_lets_the_scheduler_adva
     opt = AcceleratedOptimizer(inner, device_placement=False, scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     sched = AcceleratedScheduler(torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1.0 / (1 + s)), opt)
     r = runner()
-    GeneratorStepGate(opt, r, on_skip=accelerate_skip_hook(opt))
+    GeneratorStepGate(opt, r, on_skip=skipped_step_cleanup(opt))
 
     def iteration(updates_generator):
         r.updates_generator = updates_generator

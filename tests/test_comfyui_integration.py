@@ -95,7 +95,7 @@ def _build_base_directory(base: Path) -> None:
     strategy = build_strategy(settings, DDPM_CONFIG, backbone=load_dinov2(str(dinov2), taps=(0, 1)))
     save_discriminator(models / "loras" / DISC, strategy)
     (base / "custom_nodes").mkdir()
-    os.symlink(REPO / "comfyui_nodes", base / "custom_nodes" / "adt_compare")
+    os.symlink(REPO / "comfyui_nodes", base / "custom_nodes" / "adt_plugin_nodes")
 
 
 def _build_sd3_files(models: Path) -> None:
@@ -106,7 +106,7 @@ def _build_sd3_files(models: Path) -> None:
     from adt_plugin.train.config import LoraConfig
     from adt_plugin.train.keymap import KOHYA
     from adt_plugin.train.lora import add_lora, to_kohya
-    from adt_plugin.train.models import FAMILIES
+    from adt_plugin.families import FAMILIES
 
     checkpoint, transformer = build_sd3_checkpoint(seed=0)
     save_file(checkpoint, str(models / "checkpoints" / CKPT_SD3))
@@ -224,8 +224,8 @@ def test_nodes_register_with_the_server_widget_order_and_example(server):
     assert _options(info["ADTCompareABC"]["input"]["required"]["lora_b"])[:3] == ["(base: no LoRA)", "(skip this column)", LORA]
     assert _options(info["ADTDiscriminatorScore"]["input"]["required"]["discriminator"]) == [DISC]
     templates = json.loads(_get(server["url"], "/workflow_templates"))
-    assert "adt_abc_compare_metrics" in templates.get("adt_compare", [])
-    ui = json.loads(_get(server["url"], "/api/workflow_templates/adt_compare/adt_abc_compare_metrics.json"))
+    assert "adt_abc_compare_metrics" in templates.get("adt_plugin_nodes", [])
+    ui = json.loads(_get(server["url"], "/api/workflow_templates/adt_plugin_nodes/adt_abc_compare_metrics.json"))
     api = json.loads((REPO / "tests" / "comfyui" / "adt_compare_abc_api.json").read_text())
     assert ui_to_api(ui, widgets) == api
 

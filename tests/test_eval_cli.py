@@ -167,7 +167,7 @@ def sd3_workspace(tmp_path_factory):
     from adt_plugin.train.config import LoraConfig
     from adt_plugin.train.keymap import KOHYA
     from adt_plugin.train.lora import add_lora, to_kohya
-    from adt_plugin.train.models import FAMILIES
+    from adt_plugin.families import FAMILIES
 
     root = tmp_path_factory.mktemp("eval_sd3")
     folder = make_pipeline("sd3", root / "sd3")

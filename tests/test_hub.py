@@ -426,15 +426,15 @@ def test_sd_scripts_launcher_stops_before_sd_scripts_loads_the_model(tmp_path, m
     message = str(stop.value.code)
     assert message.startswith(f"adt_plugin.kohya: DINOv2 backbone '{SMALL}': not a local folder and not in the Hugging Face cache")
     assert "\n" not in message and "set --adt_backbone_path to that folder" in message
-    import train_network
-
-    assert train_network.LOADED == []  # sd-scripts never got to load the model
+    assert "train_network" not in sys.modules  # sd-scripts was not even imported
 
     folder = config_only_folder(tmp_path / "dinov2")
     with pytest.raises(SystemExit, match=r"taps \[5, 8, 11\] are outside .*; change --adt_taps"):
         launch.main([*argv[:-1], str(folder)])
-    assert train_network.LOADED == []
+    assert "train_network" not in sys.modules
     assert launch.main([*argv[:-1], str(folder), "--adt_taps", "1", "3"]) == 0
+    import train_network
+
     assert train_network.LOADED == ["sd15.safetensors"]
     assert f"ADT: backbone: local folder {folder}" in capsys.readouterr().out
 
@@ -442,14 +442,15 @@ def test_sd_scripts_launcher_stops_before_sd_scripts_loads_the_model(tmp_path, m
 def test_onetrainer_stops_before_its_model_loader_runs(tmp_path, monkeypatch):
     from standins import onetrainer as ot
 
-    from adt_plugin.onetrainer.config import patch_train_config
-    from adt_plugin.onetrainer.plugin import check_before_loading
+    from adt_plugin.onetrainer import internals
+    from adt_plugin.onetrainer.config import add_section, check_train_config_data, make_section_class
+    from adt_plugin.onetrainer.setup import check_before_loading
 
     trainer_class = type("GenericTrainer", (ot.GenericTrainer,), {})  # a class of its own: the patch does not leak
-    check_before_loading(trainer_class)
-    check_before_loading(trainer_class)  # idempotent
-    config_class = type("TrainConfig", (ot.TrainConfig,), {})
-    patch_train_config(config_class, ot.BaseConfig)
+    internals.check_at_start(trainer_class, check_before_loading)
+    internals.check_at_start(trainer_class, check_before_loading)  # idempotent
+    config_class = type("TrainConfig", (ot.TrainConfig,), {"default_values": staticmethod(lambda: config_class(ot.train_config_fields()))})
+    internals.patch_train_config(config_class, make_section_class(ot.BaseConfig), add_section, check_train_config_data)
     config = config_class.default_values()
     config.adt.from_dict({"enabled": True})
     monkeypatch.setattr(ot.StableDiffusionLoRAModelLoader, "loads", [])
@@ -471,17 +472,18 @@ def test_onetrainer_stops_before_its_model_loader_runs(tmp_path, monkeypatch):
 def test_onetrainer_offline_mode_keeps_the_backbone_local(online, monkeypatch):
     from standins import onetrainer as ot
 
-    from adt_plugin.onetrainer.config import patch_train_config
-    from adt_plugin.onetrainer.setup import preflight_config
+    from adt_plugin.onetrainer import internals
+    from adt_plugin.onetrainer.config import add_section, check_train_config_data, make_section_class
+    from adt_plugin.onetrainer.setup import check_before_loading
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test
-    config_class = type("TrainConfig", (ot.TrainConfig,), {})
-    patch_train_config(config_class, ot.BaseConfig)
+    config_class = type("TrainConfig", (ot.TrainConfig,), {"default_values": staticmethod(lambda: config_class(ot.train_config_fields()))})
+    internals.patch_train_config(config_class, make_section_class(ot.BaseConfig), add_section, check_train_config_data)
     config = config_class.default_values()
     config.adt.from_dict({"enabled": True})
     config.offline_mode = True  # OneTrainer's own option: applied before the check, as configure_hub will
     with pytest.raises(hub.ModelNotFound, match="downloads are off"):
-        preflight_config(config)
+        check_before_loading(config)
 
 
 def test_adt_eval_stops_before_generating_when_a_named_metric_model_is_missing(tmp_path, monkeypatch, capsys):

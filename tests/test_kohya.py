@@ -98,26 +98,27 @@ def test_discriminator_only_iterations_leave_the_lora_bit_identical(dinov2, tmp_
     assert not same(steps[0], steps[1])  # iteration 2 updates the generator
     assert same(steps[1], steps[2])  # iteration 3: D only (AdamW has momentum and weight decay by now)
     assert not same(steps[2], steps[3])
-    assert trainer.adt_gate.taken == 2 and trainer.adt_gate.skipped == 2
+    assert trainer.adt.gate.taken == 2 and trainer.adt.gate.skipped == 2
     # sd-scripts' loss curve keeps showing the diffusion loss; ADT's scalars reach its trackers
     logs = trainer.tracker_logs
     assert [round(v, 5) for v in trainer.losses] == [round(entry["loss/diff"], 5) for entry in logs]
     assert {"loss/D", "D/real", "D/fake", "lr/D"} <= logs[0].keys() and "loss/G" in logs[1]
     assert logs[-1]["adt/generator_steps"] == 2.0
+    assert {"cost/forward_equiv", "cost/ft_steps", "cost/total_forward_equiv", "cost/total_ft_steps"} <= logs[0].keys()
 
 
 def test_ft_strategy_updates_every_iteration_and_writes_no_discriminator(dinov2, tmp_path):
     trainer = run(adt_args(dinov2, tmp_path, adt_strategy="ft", save_every_n_steps=1, max_train_steps=2))
     assert not same(lora(tmp_path / "lora-step00000001.safetensors"), lora(tmp_path / "lora-step00000002.safetensors"))
-    assert trainer.adt_gate.skipped == 0
+    assert trainer.adt.gate.skipped == 0
     assert not list(tmp_path.glob("*.adt_disc.safetensors"))
 
 
 def test_gradient_accumulation_keeps_windows_whole(dinov2, tmp_path):
     # 2 micro-batches per step, g_every 2: micro-batches 0,1 D-only, 2,3 generator, ...
     trainer = run(adt_args(dinov2, tmp_path, gradient_accumulation_steps=2, max_train_steps=2, batches=batches(4)))
-    assert trainer.adt_gate.skipped == 1 and trainer.adt_gate.taken == 1
-    assert trainer.adt_runner.strategy.step == 4
+    assert trainer.adt.gate.skipped == 1 and trainer.adt.gate.taken == 1
+    assert trainer.adt.runner.strategy.step == 4
 
 
 # -- files: beside every LoRA, pruned with it, in every state, restored on resume ---------------
@@ -137,10 +138,13 @@ def test_resume_is_exact(dinov2, tmp_path):
     state = tmp_path / "full" / "lora-step00000002-state"
     assert (state / STATE_FILE).exists()
     resumed = run(adt_args(dinov2, tmp_path / "resumed", resume=str(state), batches=data[2:], max_train_steps=2))
-    assert resumed.adt_runner.strategy.step == 4
+    assert resumed.adt.runner.strategy.step == 4
     assert same(lora(tmp_path / "full" / "lora.safetensors"), lora(tmp_path / "resumed" / "lora.safetensors"))
     assert same(lora(tmp_path / "full" / "lora.adt_disc.safetensors"), lora(tmp_path / "resumed" / "lora.adt_disc.safetensors"))
     assert full.losses[2:] == resumed.losses
+    # the generator-step count goes on from the state (iteration 3 is D-only, 4 a generator step)
+    assert [log["adt/generator_steps"] for log in resumed.tracker_logs] == [1.0, 2.0]
+    assert [log["adt/generator_steps"] for log in full.tracker_logs] == [0.0, 1.0, 1.0, 2.0]
 
 
 def test_resuming_a_state_without_adt_starts_a_fresh_discriminator(dinov2, tmp_path, caplog):
@@ -151,7 +155,7 @@ def test_resuming_a_state_without_adt_starts_a_fresh_discriminator(dinov2, tmp_p
     with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
         trainer = run(adt_args(dinov2, tmp_path / "adt", resume=str(state), max_train_steps=2))
     assert any("fresh discriminator" in r.message for r in caplog.records)
-    assert trainer.adt_runner.strategy.step == 2
+    assert trainer.adt.runner.strategy.step == 2
 
 
 def test_resuming_with_another_discriminator_layout_fails_clearly(dinov2, tmp_path):
@@ -166,7 +170,7 @@ def test_network_weights_bring_their_discriminator(dinov2, tmp_path, capsys):
     weights = tmp_path / "a" / "lora.safetensors"
     trainer = run(adt_args(dinov2, tmp_path / "b", network_weights=str(weights), max_train_steps=2))
     assert "discriminator restored from" in capsys.readouterr().out
-    assert trainer.adt_runner.strategy.step == 4
+    assert trainer.adt.runner.strategy.step == 4
 
 
 def test_empty_prompt_is_reencoded_only_when_the_text_encoder_trains(dinov2, tmp_path, monkeypatch):
@@ -231,7 +235,21 @@ def test_check_args_refuses_and_warns(caplog):
         check_args(sd_scripts.default_args(blocks_to_swap=4), s)
     with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):
         check_args(sd_scripts.default_args(min_snr_gamma=5.0, loss_type="huber"), s)
-    assert "min_snr_gamma" in caplog.text and "loss_type=huber" in caplog.text
+    assert "min_snr_gamma=5.0" in caplog.text and "loss_type=huber" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.kohya"):  # the ft baseline ignores them too: say so
+        check_args(sd_scripts.default_args(min_snr_gamma=5.0, noise_offset=0.05), AdtSettings(strategy="ft"))
+    assert "strategy ft" in caplog.text and "min_snr_gamma=5.0, noise_offset=0.05" in caplog.text
+
+
+def test_start_line_says_what_the_strategy_does():
+    from adt_plugin.bridge import start_line
+
+    adt = start_line(AdtSettings(), "SDXL")
+    assert adt.startswith("ADT: strategy adt, SDXL: rollout ddim x 50 steps") and "every 5 iteration(s)" in adt
+    ft = start_line(AdtSettings(strategy="ft"), "SDXL")
+    assert ft == "ADT: strategy ft, SDXL: plain diffusion loss at uniform timesteps, a generator update every iteration"
+    assert "gamma 0.1" in start_line(AdtSettings(strategy="ip"), "SD3")
 
 
 # -- launching (kohya_ss GUI command lines) -------------------------------------------------
@@ -394,6 +412,40 @@ def test_launcher_runs_sd_scripts_parser_config_file_and_trainer(dinov2, tmp_pat
     assert args.adt_g_every == 4 and args.adt_lambda_diff == 0.25  # the command line wins over the TOML
 
 
+@pytest.mark.parametrize("extra, toml_text, message", [
+    (["--adt_g_evry", "3"], None, "command line: unknown option --adt_g_evry; did you mean --adt_g_every?"),
+    (["--adt_lamda_diff=0.3"], None, "did you mean --adt_lambda_diff?"),
+    (["--adt_g_every", "five"], None, "command line: argument --adt_g_every: invalid int value: 'five'"),
+    ([], "[adt]\nadt_lamda_diff = 0.3\n", "lora.toml / command line: unknown ADT option 'adt_lamda_diff'; did you mean 'adt_lambda_diff'?"),
+    ([], "[adt]\nadt_g_every = \"5\"\n", "lora.toml / command line: key 'g_every' must be an integer"),
+    ([], "adt_g_every = 0\n", "lora.toml / command line: g_every must be >= 1, got 0"),
+    (["--adt_num_inference_steps", "0"], "[adt]\nadt_g_every = 3\n", "num_inference_steps must be >= 1"),
+])
+def test_launcher_checks_adt_options_before_sd_scripts_is_imported(tmp_path, monkeypatch, extra, toml_text, message):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "train_util.py").write_text("")
+    (root / "train_network.py").write_text("raise RuntimeError('sd-scripts was imported')\n")
+    argv = [str(root / "train_network.py"), "--output_dir", "out"] + extra
+    if toml_text is not None:
+        (tmp_path / "lora.toml").write_text(toml_text)
+        argv += ["--config_file", str(tmp_path / "lora")]  # sd-scripts adds .toml
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    monkeypatch.delitem(__import__("sys").modules, "train_network", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        launch.main(argv)
+    assert message in str(stop.value) and str(stop.value).startswith("adt_plugin.kohya: ")
+
+
+def test_command_line_wins_over_the_toml_and_family_defaults_fill_in(tmp_path):
+    from adt_plugin.kohya.args import read_adt_options
+
+    (tmp_path / "c.toml").write_text("[adt]\nadt_g_every = 3\nadt_taps = [1, 3]\n")
+    settings = read_adt_options(["--config_file", str(tmp_path / "c.toml"), "--adt_g_every", "4", "--resolution", "512"],
+                                FAMILIES["sd3"].defaults)
+    assert (settings.g_every, settings.taps, settings.sampler) == (4, (1, 3), "flow_euler")
+
+
 # -- a stale `-m adt_plugin.kohya.launch` (kohya_ss GUI: a stock preset after an ADT preset) --------
 FAKE_PLAIN_SCRIPT = '''
 import json, sys
@@ -436,3 +488,19 @@ def test_an_adt_key_in_the_config_file_turns_adt_on(tmp_path):
     config.write_text("[training]\nlearning_rate = 0.001\n[adt]\nadt_g_every = 3\n")
     assert launch.adt_requested(["--config_file", str(config)])
     assert launch.adt_requested([f"--config_file={tmp_path / 'lora'}"])  # sd-scripts adds .toml
+
+
+def test_help_lists_the_adt_options_without_looking_for_a_backbone(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "sd-scripts"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "__init__.py").write_text("")
+    (root / "library" / "train_util.py").write_text(FAKE_TRAIN_UTIL)
+    (root / "train_network.py").write_text(FAKE_TRAIN_NETWORK)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    for name in ("train_network", "library", "library.train_util"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # the default backbone is nowhere
+    with pytest.raises(SystemExit) as stop:
+        launch.main([str(root / "train_network.py"), "--help"])
+    assert stop.value.code == 0 and "--adt_g_every" in capsys.readouterr().out

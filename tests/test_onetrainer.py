@@ -12,11 +12,15 @@ from safetensors.torch import load_file
 from standins import onetrainer as ot
 from tiny import tiny_dinov2
 
-from adt_plugin import AdtSettings
+from adt_plugin import AdtSettings, SettingsError
+from adt_plugin.onetrainer import internals
 from adt_plugin.onetrainer import setup as ot_setup
-from adt_plugin.onetrainer.config import patch_train_config, settings_from_section
+from adt_plugin.onetrainer.config import (
+    add_section, check_train_config_data, loading_from, make_section_class, settings_from_section,
+)
 from adt_plugin.onetrainer.families import FAMILIES, SEP, CapturedCall, capture_denoiser_call
-from adt_plugin.onetrainer.plugin import replace_registered
+from adt_plugin.onetrainer.internals import replace_registered
+from adt_plugin.onetrainer.plugin import wrapper_for
 
 REPO = Path(__file__).resolve().parents[1]
 SD = FAMILIES["sd"]
@@ -30,8 +34,9 @@ def small_backbone(monkeypatch):
 
 
 def config_class():
-    cls = type("TrainConfig", (ot.TrainConfig,), {})  # a class of its own per test: the patch does not leak
-    patch_train_config(cls, ot.BaseConfig)
+    # a class of its own per test, so the patch does not leak; its default_values builds its own instances, as upstream
+    cls = type("TrainConfig", (ot.TrainConfig,), {"default_values": staticmethod(lambda: cls(ot.train_config_fields()))})
+    internals.patch_train_config(cls, make_section_class(ot.BaseConfig), add_section, check_train_config_data)
     return cls
 
 
@@ -70,7 +75,9 @@ def test_adt_section_has_every_setting_and_survives_save_and_load():
     cls = config_class()
     cfg = cls.default_values()
     cfg.adt.from_dict({"enabled": True, "taps": [1, 3]})
-    assert patch_train_config(cls, ot.BaseConfig) is cls._adt_section_class  # patching twice changes nothing
+    section_class = cls._adt_section_class
+    internals.patch_train_config(cls, make_section_class(ot.BaseConfig), add_section, check_train_config_data)
+    assert cls._adt_section_class is section_class  # patching twice changes nothing
     assert {f.name for f in dataclasses.fields(AdtSettings)} | {"enabled"} == set(cfg.adt.types)
     saved = cfg.to_dict()
     assert saved["adt"]["taps"] == [1, 3] and saved["adt"]["enabled"] is True
@@ -79,11 +86,68 @@ def test_adt_section_has_every_setting_and_survives_save_and_load():
     assert settings_from_section(again.adt).taps == (1, 3)
 
 
-def test_section_warns_about_unknown_keys(capsys):
+@pytest.mark.parametrize("section, message", [
+    ({"enabled": True, "g_evry": 3}, "unknown key 'g_evry'; did you mean 'g_every'?"),
+    ({"g_every": "five"}, "key 'g_every' must be an integer, got 'five'"),
+    ({"enabled": "yes"}, "key 'enabled' must be true or false, got 'yes'"),
+    ({"taps": [2, "x"]}, "key 'taps' must be a list of integers"),
+    ({"lambda_diff": None}, "key 'lambda_diff' must be a number, got None"),
+])
+def test_bad_keys_and_types_in_the_section_are_errors_before_anything_is_set(section, message, tmp_path):
     cfg = config()
-    cfg.from_dict({"adt": {"enabled": True, "lamda_diff": 0.3}})
-    assert "adt: unknown key 'lamda_diff' ignored; did you mean 'lambda_diff'?" in capsys.readouterr().out
-    assert cfg.adt.lambda_diff == 0.5
+    before = cfg.adt.to_dict()
+    with pytest.raises(SettingsError, match="OneTrainer config: \\[adt\\]: " + message.replace("[", "\\[").replace("?", "\\?")):
+        cfg.from_dict({"learning_rate": 0.5, "adt": section})  # OneTrainer's from_dict would print and go on
+    assert cfg.adt.to_dict() == before and cfg.learning_rate == 1e-2  # nothing was applied
+    with pytest.raises(SettingsError, match="OneTrainer config: \\[adt\\]: "):
+        cfg.adt.from_dict(section)  # --config-value adt.<key>=... reaches the section directly
+
+
+def test_errors_name_the_file_the_section_came_from(tmp_path, monkeypatch):
+    preset, config_file = tmp_path / "#preset.json", tmp_path / "mine.json"
+    preset.write_text(json.dumps({"adt": {"enabled": True}}))
+    config_file.write_text(json.dumps({"adt": {"g_evry": 3}}))
+    # scripts/train.py --preset-path P --config-path C reads both through TrainConfig.from_dict
+    monkeypatch.setattr("sys.argv", ["scripts/train.py", "--preset-path", str(preset), "--config-path", str(config_file)])
+    cfg = config()
+    cfg.from_dict(json.loads(preset.read_text()))
+    with pytest.raises(SettingsError, match=f"^config {config_file}: \\[adt\\]: unknown key 'g_evry'; did you mean 'g_every'"):
+        cfg.from_dict(json.loads(config_file.read_text()))
+    with loading_from("training_presets/#x.json"), pytest.raises(SettingsError, match="^training_presets/#x.json: "):
+        cfg.from_dict({"adt": {"lamda_diff": 0.3}})  # the GUI names the file it is loading
+
+
+def test_strings_that_are_numbers_are_accepted_like_onetrainer_does():
+    cfg = config()
+    cfg.adt.from_dict({"g_every": "3", "lambda_diff": "0.25", "taps": "2,5"})  # what --config-value hands over
+    assert (cfg.adt.g_every, cfg.adt.lambda_diff, cfg.adt.taps) == (3, 0.25, [2, 5])
+
+
+def test_values_and_unsupported_models_are_checked_before_the_model_loads(caplog):
+    cfg = config(g_every=0)
+    with pytest.raises(SettingsError, match="g_every must be >= 1"):
+        ot_setup.check_before_loading(cfg)
+    cfg = config()
+    cfg.model_type = ot.ModelType.FLUX_DEV_1
+    with pytest.raises(SettingsError, match="ADT does not train FLUX_DEV_1 LORA in OneTrainer"):
+        ot_setup.check_before_loading(cfg)
+    cfg.adt.enabled = False
+    assert ot_setup.check_before_loading(cfg) is None  # ADT off: nothing to check
+    cfg = config(strategy="ft")
+    cfg.mae_strength, cfg.loss_weight_fn, cfg.offset_noise_weight = 0.5, ot.LossWeight.MIN_SNR_GAMMA, 0.1
+    with caplog.at_level(logging.WARNING, logger="adt_plugin.onetrainer"):
+        assert ot_setup.check_before_loading(cfg).strategy == "ft"
+    assert "mae_strength=0.5, loss_weight_fn=MIN_SNR_GAMMA, offset_noise_weight=0.1" in caplog.text
+
+
+def test_the_check_runs_before_a_training_run_loads_its_model():
+    trainer_class = type("GenericTrainer", (ot.GenericTrainer,), {})  # a class of its own: the patch does not leak
+    internals.check_at_start(trainer_class, ot_setup.check_before_loading)
+    internals.check_at_start(trainer_class, ot_setup.check_before_loading)  # idempotent
+    ot.StableDiffusionLoRAModelLoader.loads = []
+    with pytest.raises(SettingsError, match="num_inference_steps must be >= 1"):
+        trainer_class(config(num_inference_steps=0)).start()
+    assert ot.StableDiffusionLoRAModelLoader.loads == []  # the model was never loaded
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "adt_plugin" / "presets" / "onetrainer").rglob("#*.json")), ids=lambda p: p.name)
@@ -111,6 +175,7 @@ def test_discriminator_only_iterations_do_not_move_the_weights(with_scaler):
     assert setup.adt_gate.taken == 2 and setup.adt_gate.skipped == 2
     assert [round(v, 5) for v in losses] == [round(v, 5) for _, v in board.scalars["loss/diff"]]
     assert {"loss/D", "D/real", "D/fake", "lr/D", "loss/G", "adt/generator_steps", "lr/group0"} <= board.scalars.keys()
+    assert {"cost/forward_equiv", "cost/total_ft_steps"} <= board.scalars.keys()  # the strategy's compute accounting
 
 
 def test_disabled_adt_leaves_onetrainer_alone():
@@ -164,11 +229,11 @@ def test_empty_prompt_once_and_vae_kept_on_the_training_device():
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="Masked Training"):
+    with pytest.raises(SettingsError, match="Masked Training"):
         cfg = config()
         cfg.masked_training = True
         prepared(cfg)
-    with pytest.raises(ValueError, match="Fused Back Pass"):
+    with pytest.raises(SettingsError, match="Fused Back Pass"):
         cfg = config()
         cfg.optimizer.fused_back_pass = True
         prepared(cfg)
@@ -196,6 +261,7 @@ def test_discriminator_in_backups_and_beside_saves_and_restored(tmp_path, caplog
     cfg.continue_last_backup = True
     resumed, _ = prepared(cfg, seed=1)
     assert resumed.adt_runner.strategy.step == 2
+    assert resumed.adt_runner.generator_steps == 1  # the count goes on where the backup left it
     saved = load_file(str(backup / ot_setup.BACKUP_FILE))
     state = resumed.adt_runner.strategy.disc.state_for_checkpoint()
     assert all(torch.equal(saved[f"disc.{k}"], v) for k, v in state.items())
@@ -222,9 +288,9 @@ def test_only_our_model_types_and_methods_are_wrapped_once():
         factory.register(ot.BaseModelSetup, ot.StableDiffusionLoRASetup, model_type, ot.TrainingMethod.LORA)
     factory.register(ot.BaseModelSetup, Other, ot.ModelType.FLUX_DEV_1, ot.TrainingMethod.LORA)
     factory.register(ot.BaseModelSetup, Other, ot.ModelType.STABLE_DIFFUSION_15, ot.TrainingMethod.EMBEDDING)
-    changed = replace_registered(factory, ot.BaseModelSetup, ot_setup.wrap_setup_class)
+    changed = replace_registered(factory, ot.BaseModelSetup, wrapper_for(ot_setup.wrap_setup_class))
     assert len(changed) == 1  # SD1.5 LoRA; not inpainting, not Flux, not embeddings
     wrapped = factory.get(ot.BaseModelSetup, ot.ModelType.STABLE_DIFFUSION_15, ot.TrainingMethod.LORA)
     assert issubclass(wrapped, ot.StableDiffusionLoRASetup) and wrapped is not ot.StableDiffusionLoRASetup
-    assert replace_registered(factory, ot.BaseModelSetup, ot_setup.wrap_setup_class) == []  # idempotent
+    assert replace_registered(factory, ot.BaseModelSetup, wrapper_for(ot_setup.wrap_setup_class)) == []  # idempotent
     assert factory.get(ot.BaseModelSetup, ot.ModelType.FLUX_DEV_1, ot.TrainingMethod.LORA) is Other

@@ -70,7 +70,7 @@ def test_the_wheel_carries_the_presets_and_adt_reads_them_from_another_folder(ve
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ADT_PRESETS_DIR")}
     env["HF_HUB_OFFLINE"] = "1"
     listed = run([venv / "bin" / "adt", "presets"], cwd=elsewhere, env=env).splitlines()
-    assert len(listed) == 20 and any(line.startswith("sd15-ddim50-lora-adt ") for line in listed)
+    assert len(listed) == 32 and any(line.startswith("sd15-ddim50-lora-adt ") for line in listed)
 
     # a preset resolved by name in a run config, through its extends chain down to families/paper
     (elsewhere / "data").mkdir()

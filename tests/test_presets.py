@@ -100,7 +100,7 @@ def test_family_files_hold_only_what_differs_between_families():
         "sd1": (7.0, 5e-6), "sdxl": (5.0, 1e-6), "sd3": (7.0, 1e-6)}  # the paper, Sec. 5
     assert [name for name, _ in preset_layers("sdxl-dpmpp30-lora-ft")] == [
         "families/paper", "families/sdxl", "sdxl-dpmpp30-adt", "sdxl-dpmpp30-lora-adt", "sdxl-dpmpp30-lora-ft"]
-    with pytest.raises(KeyError, match="known: sd1, sd3, sdxl"):
+    with pytest.raises(KeyError, match="known: flux_dev, flux_schnell, sd1, sd3, sdxl, zimage_turbo"):
         family_adt_defaults("flux")
 
 

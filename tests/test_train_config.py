@@ -80,7 +80,8 @@ def test_override_parsing():
 
 
 def test_every_preset_is_a_valid_config_with_the_papers_settings():
-    known = presets.available()
+    # the paper's families (the later families' presets: tests/test_train_flux.py)
+    known = {n: p for n, p in presets.available().items() if n.split("-")[0] in ("sd15", "sdxl", "sd3")}
     assert len(known) == 20
     for name in known:
         config = load_run_config(None, name, ["model.path=m", "data.folder=d"])
@@ -121,7 +122,7 @@ def test_unknown_preset_suggests_close_names():
 def test_adt_presets_lists_one_line_each(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 20
+    assert len(lines) == 32
     assert any(line.startswith("sd15-ddim50-adt ") and "DDIM 50" in line for line in lines)
     assert any(line.startswith("sd3-flow28-lora-ft ") and "FT twin" in line for line in lines)
 

@@ -9,7 +9,7 @@ from tiny_pipelines import make_pipeline, one_thread  # noqa: F401 (one_thread: 
 from adt_plugin.train.config import LoraConfig
 from adt_plugin.train.keymap import to_original_state_dict
 from adt_plugin.train.lora import LoraSetupError, add_lora, lora_metadata, save_lora
-from adt_plugin.train.models import FAMILIES
+from adt_plugin.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_sd_scripts_sd3_lora_converts_to_the_diffusers_layout(pipelines):
     from adt_plugin.train.lora import to_kohya
 
     fam = FAMILIES["sd3"]
-    targets = (*fam.lora_targets, "norm1.linear", "norm1_context.linear")  # the last block's context norm is swapped
+    targets = (*fam.lora.targets, "norm1.linear", "norm1_context.linear")  # the last block's context norm is swapped
     denoiser, config = trained_lora("sd3", pipelines["sd3"], targets)
     kohya = to_kohya(fam, denoiser, config.alpha, torch.float32, fmt=KOHYA)
     assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 12
@@ -180,7 +180,7 @@ def apply_diffusers_sd3_comfyui_style(original: dict, lora: dict, config) -> dic
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_lora_file_patched_like_comfyui_gives_the_trained_output(family, pipelines, tmp_path):
     fam = FAMILIES[family]
-    targets = (*fam.lora_targets, "norm1.linear", "norm1_context.linear") if family == "sd3" else ()
+    targets = (*fam.lora.targets, "norm1.linear", "norm1_context.linear") if family == "sd3" else ()
     denoiser, config = trained_lora(family, pipelines[family], targets)
     path = save_lora(
         tmp_path / "lora.safetensors", fam, denoiser, config, lora_metadata(fam, config, "epsilon"), torch.float32

@@ -36,9 +36,18 @@ def add_arguments(parser) -> None:
     g.add_argument("--out", required=True, help="output folder (re-running with the same folder resumes)")
     s = parser.add_argument_group("sampling (identical for every model)")
     s.add_argument("--seeds", default="0", help="seeds per prompt: '0,1,2' or '0-3' (default 0)")
-    s.add_argument("--sampler", default="ddim", help="ddim, dpmsolver++, dpmsolver++_karras, euler, flow_euler (default ddim)")
-    s.add_argument("--steps", type=int, default=50, help="sampler steps (default 50, the paper's DDIM 50)")
-    s.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7.0)")
+    s.add_argument(
+        "--sampler",
+        help="ddim, dpmsolver++, dpmsolver++_karras, euler, flow_euler (default: the model family's deployed sampler: "
+        "SD1.5 / SDXL ddim, SD3 / FLUX / Z-Image flow_euler)",
+    )
+    s.add_argument("--steps", type=int, help="sampler steps (default: the family's: SD 50, SD3 / FLUX.1-dev 28, schnell 4, Z-Image-Turbo 9)")
+    s.add_argument(
+        "--cfg",
+        type=float,
+        help="guidance: the CFG scale, FLUX.1-dev's embedded guidance, 0 for schnell / Z-Image-Turbo (default: the "
+        "family's: SD1.5 7, SDXL 5, SD3 7, FLUX.1-dev 3.5, schnell / turbo 0)",
+    )
     s.add_argument("--width", type=int, help="image width (default: the model's)")
     s.add_argument("--height", type=int, help="image height (default: the model's)")
     s.add_argument("--negative", default="", help="negative prompt (default empty)")
@@ -127,6 +136,24 @@ def run(args) -> int:
         return 2
 
 
+def sampling_defaults(args, specs) -> None:
+    """--sampler / --steps / --cfg left out: the first model's family's deployed sampler;
+    the guidance value and negative prompt checked against the family (configs only)."""
+    from .generate import model_family
+
+    families = {spec.model_path: model_family(spec, args.config_dir) for spec in specs}
+    family = families[specs[0].model_path]
+    preset = family.preset
+    if args.sampler is None:
+        args.sampler = preset.get("sampler") or ("flow_euler" if family.flow else "ddim")
+    if args.steps is None:
+        args.steps = int(preset.get("num_inference_steps", 28 if family.flow else 50))
+    if args.cfg is None:
+        args.cfg = float(preset.get("guidance_scale", 7.0))
+    for found in families.values():
+        found.pipeline_guidance(args.cfg, args.negative, 1)  # a value or negative prompt it would ignore: an error
+
+
 def _run(args) -> int:
     from tqdm.auto import tqdm
 
@@ -157,6 +184,7 @@ def _run(args) -> int:
             print(f"adt eval: note: {missing_message(key, folders)} (its metrics will be skipped)")
     out = Path(args.out)
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    sampling_defaults(args, specs)  # the models' families (configs only), before any generation
     settings = SamplingSettings(args.sampler, args.steps, args.cfg, args.width, args.height, args.negative, seeds)
     jobs = {spec.name: plan_jobs(out, spec, prompts, settings) for spec in specs}
     for spec in specs:

@@ -3,7 +3,11 @@ sampler and guidance; the same starting noise per seed.
 
 A model is a diffusers folder or a single-file checkpoint (loaded offline by
 the trainer's loader, `adt_plugin.train.loading`) plus an optional LoRA file
-(kohya or diffusers keys; diffusers' `load_lora_weights` reads both). Each image
+(kohya or diffusers keys; diffusers' `load_lora_weights` reads both; what it
+cannot read at every size, sd-scripts' SD3 and FLUX files, is converted first).
+Its family (families/) says the denoiser, the initial noise's layout (FLUX takes
+it packed) and how the pipeline is given the guidance value (CFG with the
+negative prompt, FLUX.1-dev's embedded guidance, none for schnell). Each image
 is written atomically with its generation record in the PNG (`adt_eval` text
 chunk); a later run reuses an image only if that record matches what it would
 generate now, so an interrupted run resumes and a changed setting regenerates.
@@ -94,7 +98,7 @@ def _is_number(text: str) -> bool:
 class SamplingSettings:
     sampler: str = "ddim"
     steps: int = 50
-    guidance_scale: float = 7.0
+    guidance_scale: float = 7.0  # CFG scale, or FLUX.1-dev's embedded guidance (0 for schnell / turbo)
     width: Optional[int] = None  # None: the model's default
     height: Optional[int] = None
     negative_prompt: str = ""
@@ -147,18 +151,33 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
+def model_family(spec: ModelSpec, config_dir: str = ""):
+    """The family of `spec`'s model (configs and keys only; nothing loads)."""
+    from ..train.config import ModelConfig
+    from ..train.loading import ModelLoadError, check_single_file, detect_family
+
+    model = ModelConfig(path=spec.model_path, config_dir=config_dir)
+    try:
+        family = detect_family(model)
+        check_single_file(model, family)
+    except ModelLoadError as err:
+        raise FileNotFoundError(f"model {spec.name!r}: {err}") from err
+    return family
+
+
 def load_pipeline(spec: ModelSpec, device, dtype, sampler: str, steps: int, config_dir: str = ""):
-    """A diffusers pipeline from a local folder or single-file checkpoint (through the
-    trainer's offline loader), with the LoRA applied and the sampler built from the
-    model's own scheduler config."""
+    """(family, pipeline): a diffusers pipeline from a local folder or single-file
+    checkpoint (through the trainer's offline loader), with the LoRA applied and the
+    sampler built from the model's own scheduler config."""
     from ..samplers import build_scheduler
     from ..train.config import ModelConfig
-    from ..train.loading import ModelLoadError, detect_family
+    from ..train.loading import ModelLoadError, check_single_file, detect_family
     from ..train.loading import load_pipeline as load_local
 
     model = ModelConfig(path=spec.model_path, config_dir=config_dir)
     try:
         family = detect_family(model)
+        check_single_file(model, family)
         pipe = load_local(model, family, dtype)
     except ModelLoadError as err:
         raise FileNotFoundError(f"model {spec.name!r}: {err}") from err
@@ -170,21 +189,24 @@ def load_pipeline(spec: ModelSpec, device, dtype, sampler: str, steps: int, conf
         except LoraFileError as err:
             raise LoraFileError(f"model {spec.name!r}: {err}") from err
         pipe.set_adapters(["adt_eval"], adapter_weights=[spec.lora_scale])
-    pipe.scheduler = build_scheduler(pipe.scheduler.config, sampler, steps)
+    # the pipeline sets the timesteps itself (FLUX: its sigmas and the shift for the size)
+    pipe.scheduler = build_scheduler(pipe.scheduler.config, sampler, steps, family=family)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return family, pipe.to(device)
 
 
-def latent_shape(pipe, width: Optional[int], height: Optional[int]) -> tuple[tuple[int, int, int], int, int]:
-    """(latent [C, h, w], width, height) for the pipeline's denoiser and VAE."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+def latent_shape(pipe, family, width: Optional[int], height: Optional[int]) -> tuple[tuple[int, int, int], int, int]:
+    """(latent [C, h, w], width, height) for the pipeline's VAE: C is the VAE's latent
+    channels (FLUX's transformer takes them packed 2x2: its in_channels is 4 C)."""
+    denoiser = getattr(pipe, family.denoiser_attr)
     scale = getattr(pipe, "vae_scale_factor", 8)
-    sample = denoiser.config.sample_size
+    sample = denoiser.config.get("sample_size") or getattr(pipe, "default_sample_size", None) or 1024 // scale
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     width, height = width or sample * scale, height or sample * scale
-    if width % scale or height % scale:
-        raise ValueError(f"width and height must be multiples of {scale} for this model, got {width}x{height}")
-    return (denoiser.config.in_channels, height // scale, width // scale), width, height
+    multiple = scale * family.latent_multiple
+    if width % multiple or height % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple} for this {family.label} model, got {width}x{height}")
+    return (pipe.vae.config.latent_channels, height // scale, width // scale), width, height
 
 
 def generate_model(
@@ -201,8 +223,8 @@ def generate_model(
     todo = [job for job in jobs if not is_done(job)]
     if not todo:
         return 0
-    pipe = load_pipeline(spec, device, dtype, settings.sampler, settings.steps, config_dir)
-    shape, width, height = latent_shape(pipe, settings.width, settings.height)
+    family, pipe = load_pipeline(spec, device, dtype, settings.sampler, settings.steps, config_dir)
+    shape, width, height = latent_shape(pipe, family, settings.width, settings.height)
     by_prompt: dict[int, list[ImageJob]] = {}
     for job in todo:
         by_prompt.setdefault(job.prompt_index, []).append(job)
@@ -212,10 +234,9 @@ def generate_model(
             latents = initial_noise([j.seed for j in batch], shape).to(device=device, dtype=dtype)
             out = pipe(
                 prompt=[j.prompt for j in batch],
-                negative_prompt=[settings.negative_prompt] * len(batch) if settings.guidance_scale > 1 else None,
-                latents=latents,
+                latents=family.pipeline_latents(latents),
                 num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
+                **family.pipeline_guidance(settings.guidance_scale, settings.negative_prompt, len(batch)),
                 width=width,
                 height=height,
                 output_type="pil",

@@ -7,22 +7,24 @@ evaluation of the base model under the LoRA's name. So every LoRA layer in the
 file must become a LoRA layer of the pipeline; otherwise loading stops with the
 file's name and the counts.
 
-sd-scripts' SD3 layout (which diffusers cannot read) is converted first
-(`keymap.kohya_to_diffusers_lora`); SD1 / SD2 / SDXL kohya files go to diffusers'
-own kohya converter.
+sd-scripts' SD3 layout (which diffusers cannot read) and its FLUX layout (which
+diffusers' converter reads only at FLUX.1's real widths) are converted first
+(`keymap.kohya_to_diffusers_lora`; `family.lora.diffusers_reads_kohya`); SD1 /
+SD2 / SDXL kohya files go to diffusers' own kohya converter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
+
+from ..families import ModelFamily
 
 # the "down" factor of one LoRA layer in the layouts diffusers reads
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", "_lora.down.weight")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-# sd-scripts' SD3 text-encoder prefixes -> diffusers' (diffusers' SD3 loader has no T5 LoRA)
-SD3_TEXT_ENCODERS = {("lora_te1_", "text_encoder."): "text_encoder", ("lora_te2_", "text_encoder_2."): "text_encoder_2"}
 TOO_FEW = "use it with the model it was trained for (a LoRA for another model or architecture changes nothing or only part of it)"
 
 
@@ -80,30 +82,32 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise LoraFileError(f"LoRA file {path} cannot be read ({_first_line(err)}): save or download it again") from err
 
 
-def load_lora(pipe, family: str, path: str | Path, adapter_name: str) -> LoadedLora:
+def load_lora(pipe, family: ModelFamily, path: str | Path, adapter_name: str) -> LoadedLora:
     """Load `path` into `pipe` as `adapter_name`; every layer of the file must load."""
     path = Path(path).expanduser()
     state = read_lora_file(path)
     layers = len(lora_layers(state))
-    if family == "sd3" and any(k.startswith(KOHYA_PREFIXES) for k in state):
+    if not family.lora.diffusers_reads_kohya and any(k.startswith(KOHYA_PREFIXES) for k in state):
         from ..train.keymap import kohya_to_diffusers_lora
 
-        encoders = {prefixes: getattr(pipe, attr, None) for prefixes, attr in SD3_TEXT_ENCODERS.items()}
-        state, unmatched = kohya_to_diffusers_lora(state, pipe.transformer, encoders)
+        # sd-scripts' text-encoder prefixes -> diffusers' (diffusers' SD3 and FLUX pipelines load no T5 LoRA)
+        encoders = {(prefix, f"{attr}."): getattr(pipe, attr, None) for prefix, attr in family.lora.text_encoders}
+        denoiser = getattr(pipe, family.denoiser_attr)
+        state, unmatched = kohya_to_diffusers_lora(state, denoiser, encoders, family)
         if unmatched:
             raise LoraFileError(
-                f"LoRA file {path}: {len(unmatched)} of its {layers} layers name no layer of this SD3 model "
+                f"LoRA file {path}: {len(unmatched)} of its {layers} layers name no layer of this {family.label} model "
                 f"(e.g. {', '.join(unmatched[:3])}); {TOO_FEW}"
-                + ("; diffusers' SD3 pipelines load no T5 (lora_te3_) LoRA layers" if any(u.startswith("lora_te3_") for u in unmatched) else "")
+                + (f"; diffusers' {family.label} pipelines load no T5 (lora_te3_) LoRA layers" if any(u.startswith("lora_te3_") for u in unmatched) else "")
             )
     expected = len(lora_layers(state))  # after the conversion: a fused qkv layer is three
     try:
         pipe.load_lora_weights(state, adapter_name=adapter_name)
     except (ValueError, RuntimeError, KeyError) as err:  # diffusers: unknown keys, size mismatches
-        raise LoraFileError(f"LoRA file {path} does not fit this {family} model ({_first_line(err)}); {TOO_FEW}") from err
+        raise LoraFileError(f"LoRA file {path} does not fit this {family.name} model ({_first_line(err)}); {TOO_FEW}") from err
     loaded = adapter_layer_count(pipe, adapter_name)
     if loaded != expected:
-        raise LoraFileError(f"LoRA file {path}: {loaded} of its {expected} layers loaded into this {family} model; {TOO_FEW}")
+        raise LoraFileError(f"LoRA file {path}: {loaded} of its {expected} layers loaded into this {family.name} model; {TOO_FEW}")
     return LoadedLora(path, layers)
 
 

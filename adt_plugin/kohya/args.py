@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 import difflib
 import typing
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from ..settings import AdtSettings, SettingsError
 
@@ -56,6 +57,63 @@ def add_adt_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
     return group
 
 
+def option_names() -> list[str]:
+    return [f"--{PREFIX}{f.name}" for f in dataclasses.fields(AdtSettings)]
+
+
+def read_adt_options(argv: Sequence[str], defaults: Mapping[str, Any] = ()) -> AdtSettings:
+    """The ADT settings of an sd-scripts command line and the `--config_file` TOML it names,
+    checked without sd-scripts (the launcher calls this before sd-scripts imports torch and
+    loads anything): a misspelt `--adt_*` flag or `adt_*` TOML key names the closest valid
+    one, a bad value names the option. The command line wins over the TOML, as in
+    sd-scripts' `read_config_from_file`; then `defaults` (the model family's), then the core's."""
+    known = option_names()
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--" + PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; ADT options: {', '.join(known)}"
+            raise SettingsError(f"command line: unknown option {name}{hint}")
+    config_file = _option_value(argv, "--config_file")
+    toml_values: dict[str, Any] = {}
+    source = "command line"
+    if config_file:
+        path = Path(config_file if config_file.endswith(".toml") else config_file + ".toml")  # as sd-scripts reads it
+        if path.is_file():
+            toml_values = {k: v for k, v in _flat_toml(path).items() if k.startswith(PREFIX)}
+            source = f"{path} / command line"
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_adt_arguments(parser)
+    try:
+        args, _ = parser.parse_known_args(list(argv), namespace=argparse.Namespace(**toml_values))
+    except argparse.ArgumentError as err:
+        raise SettingsError(f"command line: {err}") from None
+    return settings_from_args(args, defaults, source=source)
+
+
+def _option_value(argv: Sequence[str], name: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _flat_toml(path: Path) -> dict[str, Any]:
+    """The TOML's keys with its sections flattened, as sd-scripts' read_config_from_file does."""
+    import toml  # sd-scripts' own TOML reader (pinned 0.10.2 there)
+
+    try:
+        data = toml.load(str(path))
+    except (toml.TomlDecodeError, OSError) as err:
+        raise SettingsError(f"{path}: cannot read it as TOML ({err})") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
 def settings_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] = (), source: str = "command line / config file") -> AdtSettings:
     """AdtSettings from the parsed `adt_*` values; a misspelt `adt_*` TOML key (which
     sd-scripts' config reader would silently keep) is an error naming the closest key."""
@@ -73,4 +131,4 @@ def settings_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] = (
     return AdtSettings.from_mapping(values, source=source)
 
 
-__all__ = ["PREFIX", "add_adt_arguments", "parse_bool", "settings_from_args"]
+__all__ = ["PREFIX", "add_adt_arguments", "option_names", "parse_bool", "read_adt_options", "settings_from_args"]

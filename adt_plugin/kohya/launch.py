@@ -153,21 +153,22 @@ def resolve(argv: list[str], family_name: Optional[str]) -> tuple[Family, Path, 
     return family, check_sd_scripts(Path(root), family), argv
 
 
-def preflight_adt(args: argparse.Namespace, family: Family) -> None:
-    """The ADT settings and the models they name (the backbone, found or downloaded now;
-    taps against its depth), checked before sd-scripts loads the diffusion model."""
+def check_before_loading(script_args: Sequence[str], family: Family):
+    """Everything about ADT that can be checked before sd-scripts imports its modules and
+    loads the model: the `--adt_*` options and `adt_*` TOML keys (names, types, values),
+    and the models they name (the backbone, found or downloaded now; taps against its
+    depth). A problem is one line (exit code 1). Returns the settings."""
     from ..settings import SettingsError
     from ..strategies import preflight
-    from .args import settings_from_args
+    from .args import read_adt_options
 
-    config_file = getattr(args, "config_file", None)
-    source = f"{config_file}.toml / command line" if config_file else "command line"
     try:
-        settings = settings_from_args(args, family.defaults, source=source)
+        settings = read_adt_options(script_args, family.defaults)
         for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix="--adt_"):
             print(f"ADT: {line}")
-    except (SettingsError, FileNotFoundError) as err:
+    except (SettingsError, FileNotFoundError) as err:  # hub.ModelNotFound is a FileNotFoundError
         raise LaunchError(str(err)) from None
+    return settings
 
 
 def adt_requested(script_args: Sequence[str]) -> bool:
@@ -222,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     if not adt_requested(argv):
         return run_unchanged(argv, family)
     fam, root, script_args = resolve(argv, family)
+    if not {"-h", "--help"} & set(script_args):  # help needs no settings and no backbone
+        check_before_loading(script_args, fam)
 
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
@@ -239,7 +242,6 @@ def main(argv: Optional[Sequence[str]] = None, family: Optional[str] = None) -> 
     args = parser.parse_args(script_args)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
-    preflight_adt(args, fam)  # the backbone before sd-scripts loads the model: seconds, not minutes
 
     # ADT skips the optimizer step on discriminator-only iterations by design; torch
     # would warn about the LR scheduler stepping without it on the first of them.

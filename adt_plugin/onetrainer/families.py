@@ -27,6 +27,8 @@ class Family:
     empty_prompt: Callable[[Any, Any], dict[str, torch.Tensor]]
     #: re-encode the empty prompt with trained text encoders (SD3's T5 may live on the CPU: base encoders)
     live_uncond: bool = True
+    #: OneTrainer's modules that register this family's LoRA / fine-tune setups and savers
+    modules: tuple[str, ...] = ()
 
     def scheduler_config(self, model: Any, config: Any) -> dict[str, Any]:
         """The model's own scheduler config, copied so nothing touches model.noise_scheduler."""
@@ -73,17 +75,29 @@ def _sd3_empty(model, config):
     return {"encoder_hidden_states": embedding, "pooled_projections": pooled}
 
 
+def _registering(name: str) -> tuple[str, ...]:
+    """modules/modelSetup/<name>{LoRA,FineTune}Setup and modules/modelSaver/<name>{LoRA,FineTune}ModelSaver."""
+    return (f"modules.modelSetup.{name}LoRASetup", f"modules.modelSetup.{name}FineTuneSetup",
+            f"modules.modelSaver.{name}LoRAModelSaver", f"modules.modelSaver.{name}FineTuneModelSaver")
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sd", "SD 1.x / 2.x",
                ("STABLE_DIFFUSION_15", "STABLE_DIFFUSION_20", "STABLE_DIFFUSION_20_BASE", "STABLE_DIFFUSION_21",
                 "STABLE_DIFFUSION_21_BASE"),
-               "unet", _sd_empty),
-        Family("sdxl", "SDXL", ("STABLE_DIFFUSION_XL_10_BASE",), "unet", _sdxl_empty),
-        Family("sd3", "SD3", ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35"), "transformer", _sd3_empty, live_uncond=False),
+               "unet", _sd_empty, modules=_registering("StableDiffusion")),
+        Family("sdxl", "SDXL", ("STABLE_DIFFUSION_XL_10_BASE",), "unet", _sdxl_empty,
+               modules=_registering("StableDiffusionXL")),
+        Family("sd3", "SD3", ("STABLE_DIFFUSION_3", "STABLE_DIFFUSION_35"), "transformer", _sd3_empty, live_uncond=False,
+               modules=_registering("StableDiffusion3")),
     )
 }
+
+
+#: OneTrainer TrainingMethod names whose setups the plugin wraps (LoRA and full fine-tune)
+TRAINING_METHODS = ("LORA", "FINE_TUNE")
 
 
 def family_of(model_type: Any) -> Optional[Family]:
@@ -153,4 +167,4 @@ def output_tensor(out: Any) -> torch.Tensor:
     return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
 
 
-__all__ = ["CapturedCall", "FAMILIES", "Family", "SEP", "capture_denoiser_call", "family_of", "output_tensor"]
+__all__ = ["CapturedCall", "FAMILIES", "Family", "SEP", "TRAINING_METHODS", "capture_denoiser_call", "family_of", "output_tensor"]

@@ -32,12 +32,13 @@ from typing import Any, Optional
 
 import torch
 
-from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner
+from ..bridge import FunctionAdapter, GeneratorStepGate, StrategyRunner, start_line
 from ..checkpoint import disc_path_for
 from ..decode import LatentDecoder
+from ..settings import AdtSettings, SettingsError
 from ..strategies import build_strategy, preflight
 from .config import SECTION, settings_from_section
-from .families import Family, capture_denoiser_call, output_tensor
+from .families import FAMILIES, TRAINING_METHODS, Family, capture_denoiser_call, family_of, output_tensor
 
 log = logging.getLogger("adt_plugin.onetrainer")
 
@@ -49,21 +50,42 @@ def adt_enabled(config: Any) -> bool:
     return bool(section is not None and section.enabled)
 
 
-def check_config(config: Any) -> None:
-    if getattr(config, "masked_training", False):
-        raise ValueError("ADT: masked training is not supported (ADT's loss is on whole decoded images); "
-                         "turn off 'Masked Training' or disable ADT (adt.enabled = false)")
-    optimizer = getattr(config, "optimizer", None)
-    if optimizer is not None and getattr(optimizer, "fused_back_pass", False):
-        raise ValueError("ADT: 'Fused Back Pass' steps the optimizer inside backward, so discriminator-only "
-                         "iterations could not be kept from moving the weights; turn it off")
+# OneTrainer options that shape its own diffusion loss, with their defaults (TrainConfig @ 23df3832).
+# ADT's strategies draw their own timesteps and noise and compute their own loss: these do not apply.
+LOSS_OPTIONS = (
+    ("mse_strength", 1.0), ("mae_strength", 0.0), ("log_cosh_strength", 0.0), ("huber_strength", 0.0),
+    ("loss_weight_fn", "CONSTANT"), ("loss_scaler", "NONE"),
+    ("offset_noise_weight", 0.0), ("perturbation_noise_weight", 0.0),
+    ("timestep_distribution", "UNIFORM"), ("min_noising_strength", 0.0), ("max_noising_strength", 1.0),
+    ("noising_weight", 0.0), ("noising_bias", 0.0), ("timestep_shift", 1.0), ("dynamic_timestep_shifting", False),
+)
 
 
-def preflight_config(config: Any) -> None:
-    """ADT's settings and the models they name (the backbone, found or downloaded now;
-    taps against its depth), checked before OneTrainer loads the diffusion model."""
-    if not adt_enabled(config):
-        return
+def ignored_loss_options(config: Any) -> list[str]:
+    """`name=value` for each OneTrainer loss option set away from its default."""
+    ignored = []
+    for name, default in LOSS_OPTIONS:
+        value = getattr(config, name, default)
+        shown = getattr(value, "name", value)  # enums by name
+        if shown != default:
+            ignored.append(f"{name}={shown}")
+    return ignored
+
+
+def check_before_loading(config: Any) -> Optional[AdtSettings]:
+    """Everything about ADT that can be checked before OneTrainer loads the model (run
+    where GenericTrainer.start() creates its model loader, see plugin.py): the settings,
+    what ADT refuses, and the models the settings name (the backbone, found or downloaded
+    now; taps against its depth). Raises SettingsError or hub.ModelNotFound with one line
+    saying what to change, warns about OneTrainer loss options ADT ignores; returns the
+    settings (None when ADT is off). Checks that need the model come later, in setup_model."""
+    settings = checked_settings(config)
+    if settings is None:
+        return None
+    ignored = ignored_loss_options(config)
+    if ignored:
+        log.warning("ADT: these OneTrainer loss options shape OneTrainer's own loss; ADT's strategy %s "
+                    "ignores them: %s", settings.strategy, ", ".join(ignored))
     from huggingface_hub import constants
 
     # what GenericTrainer.start applies right after this (huggingface_util.configure_hub)
@@ -71,10 +93,32 @@ def preflight_config(config: Any) -> None:
         constants.HF_HUB_OFFLINE = True
     if getattr(config, "huggingface_cache_dir", ""):
         constants.HF_HUB_CACHE = config.huggingface_cache_dir
-    check_config(config)
-    settings = settings_from_section(getattr(config, SECTION))
     for line in preflight(settings, echo=lambda line: print(f"ADT: {line}"), prefix=f"{SECTION}."):
         print(f"ADT: {line}")
+    return settings
+
+
+def checked_settings(config: Any) -> Optional[AdtSettings]:
+    """The ADT settings of `config` (None when ADT is off), refusing what ADT cannot run with."""
+    if not adt_enabled(config):
+        return None
+    model_type, method = getattr(config, "model_type", None), getattr(config, "training_method", None)
+    if family_of(model_type) is None or getattr(method, "name", str(method)) not in TRAINING_METHODS:
+        supported = ", ".join(f.label for f in FAMILIES.values())
+        raise SettingsError(
+            f"OneTrainer config [{SECTION}]: enabled is true, but ADT does not train "
+            f"{getattr(model_type, 'name', model_type)} {getattr(method, 'name', method)} in OneTrainer "
+            f"(it trains {supported}, LoRA or fine-tune); turn ADT off (adt.enabled = false) or pick one of those"
+        )
+    settings = settings_from_section(getattr(config, SECTION))
+    if getattr(config, "masked_training", False):
+        raise SettingsError("ADT: masked training is not supported (ADT's loss is on whole decoded images); "
+                            "turn off 'Masked Training' or disable ADT (adt.enabled = false)")
+    optimizer = getattr(config, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "fused_back_pass", False):
+        raise SettingsError("ADT: 'Fused Back Pass' steps the optimizer inside backward, so discriminator-only "
+                            "iterations could not be kept from moving the weights; turn it off")
+    return settings
 
 
 class AdtSetupMixin:
@@ -101,8 +145,7 @@ class AdtSetupMixin:
         super().setup_model(model, config)
         if not adt_enabled(config):
             return
-        check_config(config)
-        settings = settings_from_section(getattr(config, SECTION))
+        settings = checked_settings(config)  # again: a setup can also be used without GenericTrainer.start()
         self._adt_scheduler_config = self.adt_family.scheduler_config(model, config)
         strategy = build_strategy(settings, self._adt_scheduler_config, device=self.train_device,
                                   micro_batches=config.gradient_accumulation_steps)
@@ -110,9 +153,7 @@ class AdtSetupMixin:
         self._adt_decoder = LatentDecoder(model.vae)
         model.adt_runner = self.adt_runner  # the wrapped savers find it here
         self.adt_gate = GeneratorStepGate(model.optimizer, self.adt_runner)
-        print(f"ADT: strategy {settings.strategy}, {self.adt_family.label}, sampler {settings.sampler} x "
-              f"{settings.num_inference_steps} steps, CFG {settings.guidance_scale}, generator update every "
-              f"{settings.g_every} iteration(s)")
+        print(start_line(settings, self.adt_family.label))
         if self.adt_runner.has_discriminator:
             self._adt_restore(config)
 
@@ -187,7 +228,6 @@ class AdtSetupMixin:
             step = model.train_progress.global_step
             for tag, value in self.adt_runner.logs.items():
                 tensorboard.add_scalar(tag, value, step)
-            tensorboard.add_scalar("adt/generator_steps", self.adt_gate.taken, step)
 
 
 def wrap_setup_class(cls: type, family: Family) -> type:
@@ -215,4 +255,8 @@ def wrap_saver_class(cls: type) -> type:
     return type(f"Adt{cls.__name__}", (AdtSaverMixin, cls), {"__module__": __name__})
 
 
-__all__ = ["AdtSaverMixin", "AdtSetupMixin", "BACKUP_FILE", "adt_enabled", "check_config", "preflight_config", "wrap_saver_class", "wrap_setup_class"]
+__all__ = [
+    "AdtSaverMixin", "AdtSetupMixin", "BACKUP_FILE", "LOSS_OPTIONS", "adt_enabled", "check_before_loading", "checked_settings",
+    "ignored_loss_options",
+    "wrap_saver_class", "wrap_setup_class",
+]

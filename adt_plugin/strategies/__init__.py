@@ -29,10 +29,13 @@ def build_strategy(
     backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
     device: Any = None,
     micro_batches: int = 1,
+    family: Any = None,
 ) -> LossStrategy:
     """The strategy `settings.strategy`. Only strategies with a discriminator (`adt`) need a
     backbone: pass one, or a loader that is called only when it is needed (default: DINOv2
-    from `settings.backbone_path`). `micro_batches`: the loop's gradient accumulation."""
+    from `settings.backbone_path`). `micro_batches`: the loop's gradient accumulation. `family`: the model's
+    `families.ModelFamily` (guidance mode, timesteps per latent size); None: what the
+    scheduler config alone implies."""
     try:
         cls = STRATEGIES[settings.strategy]
     except KeyError:
@@ -44,6 +47,7 @@ def build_strategy(
         device=device,
         backbone=backbone,
         backbone_loader=backbone_loader,
+        family=family,
     )
 
 

@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..discriminator import Discriminator, build_discriminator
 from ..distributed import average_batch_norm_stats, average_gradients, broadcast_from_rank0
+from ..families import ModelFamily
 from ..losses import diffusion_loss, hinge_d_loss, hinge_g_loss
 from ..noise import NoiseSchedule
 from ..rollout import Rollout
@@ -155,14 +156,17 @@ class AdtStrategy(LossStrategy):
         backbone: torch.nn.Module,
         device: Any = None,
         decoder: Optional[torch.nn.Module] = None,
+        family: Optional[ModelFamily] = None,
         micro_batches: int = 1,
     ):
         super().__init__(settings.seed, micro_batches)
         self.settings = settings
         # the rollout's graph steps and the uniform diffusion term are checkpointed calls
         self.recomputes_graph = settings.gradient_checkpointing
-        self.rollout = Rollout(scheduler_config, settings.rollout_config(), device=device)
-        self.schedule = NoiseSchedule(scheduler_config)  # for diff_timestep="uniform"
+        # family: the model's facts (guidance mode, timesteps per latent size); None:
+        # what a bare scheduler config implies (families.family_for_scheduler)
+        self.rollout = Rollout(scheduler_config, settings.rollout_config(), device=device, family=family)
+        self.schedule = NoiseSchedule(scheduler_config, family)  # for diff_timestep="uniform"
         self.decoder = decoder  # None: the model adapter's own decode
         self.disc: Discriminator = build_discriminator(backbone, settings.discriminator_config()).to(device)
         self.d_optimizer = torch.optim.AdamW(
@@ -187,6 +191,7 @@ class AdtStrategy(LossStrategy):
         device: Any = None,
         backbone: Optional[torch.nn.Module] = None,
         backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
+        family: Optional[ModelFamily] = None,
     ) -> "AdtStrategy":
         """Backbone: the one given, else `backbone_loader()`, else DINOv2 from
         `settings.backbone_path`; decoder: `settings.decoder_path` if set."""
@@ -202,7 +207,7 @@ class AdtStrategy(LossStrategy):
             from ..decode import load_tiny_decoder
 
             decoder = load_tiny_decoder(settings.decoder_path, device)
-        return cls(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder, micro_batches=micro_batches)
+        return cls(scheduler_config, settings, backbone.to(device), device=device, decoder=decoder, family=family, micro_batches=micro_batches)
 
     @property
     def discriminator(self) -> Discriminator:
@@ -373,7 +378,7 @@ class AdtStrategy(LossStrategy):
         generator step; with a few-step sampler the rollout's start steps are only a
         handful of timesteps, and a diffusion term held to those leaves the others to drift."""
         x0 = batch.x0
-        t = self.schedule.sample_timesteps(x0.shape[0], self.generator).to(x0.device)
+        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, latent_size=tuple(x0.shape[-2:])).to(x0.device)
         noise = self.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         if checkpointed and self.settings.gradient_checkpointing:  # like the rollout's graph steps: recomputed in backward

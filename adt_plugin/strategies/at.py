@@ -93,14 +93,15 @@ class AtStrategy(FtStrategy):
         seed: int,
         micro_batches: int = 1,
         timestep_weighting: str = "uniform",
+        family=None,
     ):
-        super().__init__(scheduler_config, seed=seed, micro_batches=micro_batches, timestep_weighting=timestep_weighting)
+        super().__init__(scheduler_config, seed=seed, micro_batches=micro_batches, timestep_weighting=timestep_weighting, family=family)
         if steps < 1:
             raise ValueError(f"at_steps must be >= 1, got {steps}")
         self.steps, self.epsilon, self.step_size = int(steps), float(epsilon), float(step_size)
 
     @classmethod
-    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, **_: Any):
+    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, family=None, **_: Any):
         strategy = cls(
             scheduler_config,
             steps=settings.at_steps,
@@ -108,6 +109,7 @@ class AtStrategy(FtStrategy):
             step_size=settings.at_step_size,
             seed=settings.seed,
             micro_batches=micro_batches,
+            family=family,
         )
         strategy.settings = settings
         return strategy

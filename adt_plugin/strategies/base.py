@@ -50,6 +50,7 @@ from ..distributed import rank
 
 if TYPE_CHECKING:  # settings import the registry below; strategies only need the type
     from ..discriminator import Discriminator
+    from ..families import ModelFamily
     from ..settings import AdtSettings
 
 
@@ -227,8 +228,10 @@ class LossStrategy(ABC):
         device: Any = None,
         backbone: Optional[torch.nn.Module] = None,
         backbone_loader: Optional[Callable[[], torch.nn.Module]] = None,
+        family: Optional["ModelFamily"] = None,
     ) -> "LossStrategy":
-        """The strategy for `settings` (only strategies with a discriminator use the backbone)."""
+        """The strategy for `settings` (only strategies with a discriminator use the backbone;
+        `family`: the model's facts for the rollout and the timestep draws)."""
 
     @abstractmethod
     def run(self, model: CountingAdapter, batch: TrainBatch) -> StrategyOutput:

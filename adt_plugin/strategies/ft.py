@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 
 from ..adapter import ModelAdapter
+from ..families import ModelFamily
 from ..losses import diffusion_loss
 from ..noise import NoiseSchedule
 from .base import LossStrategy, StrategyOutput, TrainBatch, register_strategy
@@ -20,20 +21,30 @@ class FtStrategy(LossStrategy):
     name = "ft"
     description = "plain diffusion loss (the baseline)"
 
-    def __init__(self, scheduler_config: Mapping[str, Any], seed: int, micro_batches: int = 1, timestep_weighting: str = "uniform"):
+    def __init__(
+        self,
+        scheduler_config: Mapping[str, Any],
+        seed: int,
+        micro_batches: int = 1,
+        timestep_weighting: str = "uniform",
+        family: Optional[ModelFamily] = None,
+    ):
         super().__init__(seed, micro_batches)
-        self.schedule = NoiseSchedule(scheduler_config)
+        self.schedule = NoiseSchedule(scheduler_config, family)
         self.timestep_weighting = timestep_weighting
 
     @classmethod
-    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, **_: Any):
-        strategy = cls(scheduler_config, seed=settings.seed, micro_batches=micro_batches)
+    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, family=None, **_: Any):
+        strategy = cls(scheduler_config, seed=settings.seed, micro_batches=micro_batches, family=family)
         strategy.settings = settings
         return strategy
 
     def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, noise): a random training timestep per sample and its noise."""
-        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.timestep_weighting).to(x0.device)
+        """(t, noise): a random training timestep per sample (shifted for this latent size
+        where the family's schedule depends on it) and its noise."""
+        t = self.schedule.sample_timesteps(
+            x0.shape[0], self.generator, self.timestep_weighting, latent_size=tuple(x0.shape[-2:])
+        ).to(x0.device)
         return t, self.randn_like(x0)
 
     def noised(self, x0: torch.Tensor):

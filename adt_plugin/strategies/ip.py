@@ -35,13 +35,14 @@ class IpStrategy(FtStrategy):
         seed: int,
         micro_batches: int = 1,
         timestep_weighting: str = "uniform",
+        family=None,
     ):
-        super().__init__(scheduler_config, seed=seed, micro_batches=micro_batches, timestep_weighting=timestep_weighting)
+        super().__init__(scheduler_config, seed=seed, micro_batches=micro_batches, timestep_weighting=timestep_weighting, family=family)
         self.gamma = float(gamma)
 
     @classmethod
-    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, **_: Any):
-        strategy = cls(scheduler_config, gamma=settings.ip_gamma, seed=settings.seed, micro_batches=micro_batches)
+    def from_settings(cls, settings: "AdtSettings", scheduler_config: Mapping[str, Any], *, micro_batches: int = 1, family=None, **_: Any):
+        strategy = cls(scheduler_config, gamma=settings.ip_gamma, seed=settings.seed, micro_batches=micro_batches, family=family)
         strategy.settings = settings
         return strategy
 

@@ -1,8 +1,11 @@
 """`adt bench`: what an ADT iteration costs next to a plain fine-tuning step.
 
-Random weights, the real model classes: the denoiser (a tiny UNet on the CPU; the
-full SD1.5 UNet at 512 px and the SDXL UNet at 1024 px on a GPU), a VAE decoder,
-a DINOv2 discriminator backbone. Printed:
+Random weights, the real model classes: the denoiser (a tiny UNet on the CPU, or
+a tiny FLUX.1-dev transformer with `--model tiny-flux`; the full SD1.5 UNet at
+512 px and the SDXL UNet at 1024 px on a GPU), a VAE decoder, a DINOv2
+discriminator backbone. The model's family (families/) calls the denoiser, builds
+the unconditional batch and says the default sampler, steps and guidance (its
+presets'). Printed:
 
   FT step            forward + backward + AdamW step at batch B
   ADT iteration      averaged over an H-cycle (H - 1 discriminator-only iterations,
@@ -44,6 +47,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..families import FamilyAdapter
 from ..selfcheck import DDPM_EPS
 from ..settings import AdtSettings
 
@@ -59,17 +63,26 @@ SD_SCHEDULER = DDPM_EPS
 class BenchModel:
     name: str
     resolution: int
-    unet: dict
+    denoiser: dict  # the family's denoiser class's config
     vae: dict
     dinov2: dict
-    text_tokens: int = 77
-    sdxl: bool = False
+    family: str = "sd1"  # a families name
+    #: per-sample shapes of the text conditioning (besides what family.size_cond adds)
+    text: Optional[dict] = None
+    scheduler: Optional[dict] = None  # default: SD's noise schedule
+    gpu_method: str = "full"  # the default --method on a GPU (SDXL: lora)
+
+    def text_shapes(self) -> dict:
+        if self.text is not None:
+            return self.text
+        width = self.denoiser.get("cross_attention_dim", 768)
+        return {"encoder_hidden_states": (77, width)}
 
 
 TINY = BenchModel(
     "tiny",
     64,
-    unet=dict(
+    denoiser=dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -88,7 +101,48 @@ TINY = BenchModel(
         latent_channels=4,
     ),
     dinov2=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, patch_size=28),
-    text_tokens=16,
+    text={"encoder_hidden_states": (16, 64)},
+)
+# FLUX.1-dev's layout (guidance embedding, 16-channel latents packed 2x2), tiny; its
+# real scheduler config (the shift for a 16x16 latent is then the smallest one)
+TINY_FLUX = BenchModel(
+    "tiny-flux",
+    64,
+    denoiser=dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    vae=dict(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    ),
+    dinov2=TINY.dinov2,
+    family="flux_dev",
+    text={"encoder_hidden_states": (16, 32), "pooled_projections": (32,)},
+    scheduler={
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
 )
 SD_VAE = dict(
     block_out_channels=(128, 256, 512, 512),
@@ -98,11 +152,11 @@ SD_VAE = dict(
     latent_channels=4,
 )
 DINOV2_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14)
-SD15 = BenchModel("sd15", 512, unet=dict(cross_attention_dim=768, sample_size=64), vae=SD_VAE, dinov2=DINOV2_S)
+SD15 = BenchModel("sd15", 512, denoiser=dict(cross_attention_dim=768, sample_size=64), vae=SD_VAE, dinov2=DINOV2_S)
 SDXL = BenchModel(
     "sdxl",
     1024,
-    unet=dict(
+    denoiser=dict(
         block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -117,9 +171,21 @@ SDXL = BenchModel(
     ),
     vae=SD_VAE,
     dinov2=DINOV2_S,
-    sdxl=True,
+    family="sdxl",
+    text={"encoder_hidden_states": (77, 2048), "text_embeds": (1280,)},
+    gpu_method="lora",
 )
-MODELS = {m.name: m for m in (TINY, SD15, SDXL)}
+MODELS = {m.name: m for m in (TINY, TINY_FLUX, SD15, SDXL)}
+
+
+def family_of(model: BenchModel):
+    from ..families import get_family
+
+    return get_family(model.family)
+
+
+def scheduler_of(model: BenchModel) -> dict:
+    return model.scheduler or SD_SCHEDULER
 
 
 def clock(device) -> float:
@@ -154,39 +220,28 @@ class SavedCounter:
             yield
 
 
-class BenchAdapter:
-    """ModelAdapter over a random UNet; counts graph allocations when asked."""
+class BenchAdapter(FamilyAdapter):
+    """The family's model adapter over random weights (its denoiser call and its
+    unconditional batch: the text keys zeroed); counts graph allocations when asked."""
 
-    def __init__(self, unet, decoder, model: BenchModel, cond: dict, autocast_dtype):
-        from .models import FAMILIES
+    def __init__(self, model: BenchModel, denoiser, decoder, cond: dict, autocast_dtype, device):
+        family = family_of(model)
+        empty = {k: torch.zeros_like(cond[k][:1]) for k in family.text_keys}
 
-        self.unet, self.decoder, self.model = unet, decoder, model
-        self.family = FAMILIES["sdxl" if model.sdxl else "sd1"]
-        self.scheduler_config = SD_SCHEDULER
-        self.empty = {k: torch.zeros_like(v[:1]) for k, v in cond.items() if k != "time_ids"}
+        def autocast():
+            if autocast_dtype:
+                return torch.autocast(device.type, dtype=autocast_dtype)
+            return torch.autocast(device.type, enabled=False)
+
+        super().__init__(family, denoiser, scheduler_of(model), empty, decoder, autocast)
         self.saved = SavedCounter()
-        self.autocast_dtype = autocast_dtype
-
-    def autocast(self, device):
-        return (
-            torch.autocast(device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else torch.autocast(device.type, enabled=False)
-        )
 
     def denoise(self, sample, timestep, cond):
-        with self.saved.watch(), self.autocast(sample.device):
-            out = self.family.denoise(self.unet, sample, timestep, cond)
-        return out.to(sample.dtype)
-
-    def uncond(self, cond):
-        batch = cond["encoder_hidden_states"].shape[0]
-        return {
-            k: self.empty[k].expand(batch, *self.empty[k].shape[1:]) if k in self.empty else v for k, v in cond.items()
-        }
+        with self.saved.watch():
+            return super().denoise(sample, timestep, cond)
 
     def decode(self, latents):
-        with self.saved.watch(), self.autocast(latents.device):
+        with self.saved.watch(), self.autocast():
             return self.decoder(latents).float()
 
 
@@ -200,14 +255,16 @@ def build(
     checkpointing: bool = True,
     tiny_decoder: bool = False,
 ):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
     from transformers import Dinov2Config, Dinov2Model
 
     from ..backbones import Dinov2Backbone
     from ..decode import LatentDecoder
 
+    family = family_of(model)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**model.unet).to(device)
+    denoiser = getattr(diffusers, family.denoiser_class)(**model.denoiser).to(device)
     vae = AutoencoderKL(**model.vae).to(device)
     backbone = Dinov2Backbone(
         Dinov2Model(Dinov2Config(image_size=224, **model.dinov2)),
@@ -217,39 +274,29 @@ def build(
     if method == "lora":
         from .config import LoraConfig
         from .lora import add_lora
-        from .models import FAMILIES
 
-        params = add_lora(unet, FAMILIES["sdxl" if model.sdxl else "sd1"], LoraConfig(rank=16, alpha=16))
+        params = add_lora(denoiser, family, LoraConfig(rank=16, alpha=16))
     else:
-        params = list(unet.parameters())
+        params = list(denoiser.parameters())
     factor = 2 ** (len(model.vae["block_out_channels"]) - 1)
     side = model.resolution // factor
     gen = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(batch, 4, side, side, generator=gen).to(device)
-    cond = {
-        "encoder_hidden_states": torch.randn(
-            batch, model.text_tokens, unet.config.cross_attention_dim, generator=gen
-        ).to(device)
-    }
-    if model.sdxl:
-        cond["text_embeds"] = torch.randn(batch, 1280, generator=gen).to(device)
-        cond["time_ids"] = torch.tensor(
-            [[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]] * batch,
-            dtype=torch.float32,
-            device=device,
-        )
+    x0 = torch.randn(batch, model.vae.get("latent_channels", 4), side, side, generator=gen).to(device)
+    cond = {k: torch.randn(batch, *shape, generator=gen).to(device) for k, shape in model.text_shapes().items()}
+    size = torch.tensor([[model.resolution, model.resolution, 0, 0, model.resolution, model.resolution]] * batch)
+    cond.update({k: v.to(device) for k, v in family.size_cond(size).items()})  # SDXL's time_ids
     if tiny_decoder:  # TAESD's architecture (diffusers' AutoencoderTiny defaults), as `decoder_path` would load
         from diffusers import AutoencoderTiny
 
         decoder = LatentDecoder(AutoencoderTiny().to(device))
     else:
         decoder = LatentDecoder(vae, gradient_checkpointing=checkpointing)  # the VAE's own, as adt train sets it
-    adapter = BenchAdapter(unet, decoder, model, cond, autocast_dtype)
+    adapter = BenchAdapter(model, denoiser, decoder, cond, autocast_dtype, device)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     return adapter, backbone, optimizer, params, x0, cond
 
 
-def strategies(args, backbone, device, g_every: Optional[int] = None, adt_every: Optional[int] = None):
+def strategies(args, model: BenchModel, backbone, device, g_every: Optional[int] = None, adt_every: Optional[int] = None):
     from ..settings import AdtSettings
     from ..strategies import build_strategy
 
@@ -269,8 +316,9 @@ def strategies(args, backbone, device, g_every: Optional[int] = None, adt_every:
         d_warmup_steps=0,
         seed=args.seed,
     )
-    ft = build_strategy(adt.replace(strategy="ft"), SD_SCHEDULER, device=device)
-    return ft, build_strategy(adt, SD_SCHEDULER, backbone=backbone, device=device)
+    scheduler, family = scheduler_of(model), family_of(model)
+    ft = build_strategy(adt.replace(strategy="ft"), scheduler, device=device, family=family)
+    return ft, build_strategy(adt, scheduler, backbone=backbone, device=device, family=family)
 
 
 def generator_update(strategy, adapter, batch, optimizer) -> Any:
@@ -306,7 +354,7 @@ def setup(args, model: BenchModel, device, g_every: Optional[int] = None, adt_ev
         model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
         args.decoder == "tiny",
     )
-    ft, adt = strategies(args, backbone, device, g_every, adt_every)
+    ft, adt = strategies(args, model, backbone, device, g_every, adt_every)
     warm_optimizer(optimizer, params)
     return adapter, optimizer, x0, cond, ft, adt
 
@@ -333,14 +381,16 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
     n = args.ft_steps
     ft_step, ft_backward = (fwd + bwd + step) / n, (bwd + step) / n
 
-    # one no-grad guided forward, as the rollout calls it (cond + uncond in one batch)
+    # one no-grad guided forward, as the rollout calls it (CFG: cond + uncond in one batch;
+    # embedded guidance or none: one pass)
     t = torch.full((args.batch,), 500, device=device)
-    uncond = adapter.uncond(cond) if args.guidance > 1 else None
+    guided_cond, uncond, scale = adt.rollout.guided_inputs(adapter, cond, x0)
+    scale = 1.0 if scale is None else scale
     with torch.no_grad():
-        guided_denoise(adapter, x0, t, cond, uncond, args.guidance)
+        guided_denoise(adapter, x0, t, guided_cond, uncond, scale)
         t0 = clock(device)
         for _ in range(args.ft_steps):
-            guided_denoise(adapter, x0, t, cond, uncond, args.guidance)
+            guided_denoise(adapter, x0, t, guided_cond, uncond, scale)
     nograd = (clock(device) - t0) / args.ft_steps
 
     # ADT: whole cycles (H windows per generator step, adt_every generator steps per ADT step)
@@ -437,7 +487,7 @@ def memory_in_fresh_process(args, phase: str) -> Optional[float]:
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--model", choices=["auto", *MODELS], default="auto", help="auto: sd15 and sdxl on a GPU, tiny on the CPU"
+        "--model", choices=["auto", *MODELS], default="auto", help="auto: sd15 and sdxl on a GPU, tiny on the CPU (tiny-flux: a tiny FLUX.1-dev)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--method", choices=["full", "lora"], default=None, help="default: full (sdxl on a GPU: lora)")
@@ -445,9 +495,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--resolution", type=int, default=None, help="pixels (default: the model's: tiny 64, sd15 512, sdxl 1024)"
     )
-    parser.add_argument("--sampler", default="ddim")
-    parser.add_argument("--steps", type=int, default=50, help="inference steps of the rollout's sampler")
-    parser.add_argument("--guidance", type=float, default=7.0)
+    parser.add_argument("--sampler", default=None, help="default: the model family's preset (SD: ddim, FLUX: flow_euler)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="inference steps of the rollout's sampler (default: the family preset's: SD 50, FLUX.1-dev 28)"
+    )
+    parser.add_argument("--guidance", type=float, default=None, help="default: the family preset's (SD1.5 7, SDXL 5, FLUX.1-dev 3.5)")
     parser.add_argument("--k", type=int, default=3, help="K: graph steps besides the first")
     parser.add_argument("--g_every", type=int, default=DEFAULTS.g_every, help=f"H (default {DEFAULTS.g_every}, the core's)")
     parser.add_argument(
@@ -497,7 +549,7 @@ def run(args) -> int:
             "no CUDA device: measuring the tiny model on the CPU; the SD1.5 (512 px) and SDXL (1024 px) numbers "
             "need a GPU and were not measured"
         )
-    asked = {k: getattr(args, k) for k in ("method", "batch", "resolution")}
+    asked = {k: getattr(args, k) for k in ("method", "batch", "resolution", "sampler", "steps", "guidance")}
     for name in names:
         for key, value in asked.items():  # each model gets its own defaults, not the previous model's
             setattr(args, key, value)
@@ -548,11 +600,18 @@ def run(args) -> int:
 
 def _defaults(args, model: BenchModel, device) -> BenchModel:
     if args.method is None:
-        args.method = "lora" if model.sdxl and device.type == "cuda" else "full"
+        args.method = model.gpu_method if device.type == "cuda" else "full"
     if args.batch is None:
         args.batch = 4 if model.name == "tiny" else 2
     if args.resolution is None:
         args.resolution = model.resolution
+    preset = family_of(model).preset  # the family's deployed sampler
+    if args.sampler is None:
+        args.sampler = preset.get("sampler", "ddim")
+    if args.steps is None:
+        args.steps = int(preset.get("num_inference_steps", 50))
+    if args.guidance is None:
+        args.guidance = float(preset.get("guidance_scale", 7.0))
     return dataclasses.replace(model, resolution=args.resolution)
 
 
@@ -561,7 +620,7 @@ def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
     ckpt = "off" if args.no_checkpointing else "on"
     print(
         f"\n{name} ({model.resolution} px, batch {args.batch}, {args.method}) on {device.type}; "
-        f"{args.sampler} {args.steps} steps, CFG {args.guidance}, K {args.k}, H {args.g_every}, "
+        f"{args.sampler} {args.steps} steps, guidance {args.guidance} ({family_of(model).guidance.mode}), K {args.k}, H {args.g_every}, "
         f"adt_every {args.adt_every}, rollout_buffer {args.rollout_buffer}, rollout_share {args.rollout_share:g}, "
         f"graph-step checkpointing {ckpt}, decoder {args.decoder}"
     )

@@ -80,7 +80,7 @@ def run(args) -> int:
             for line in preflight(config.adt, prefix="[adt] "):  # the backbone (and taps against its depth), no weights
                 print(line)
             print(
-                f"config OK: {config.model.path} ({checked.family}), {config.train.method}, strategy "
+                f"config OK: {config.model.path} ({checked.family.name}), {config.train.method}, strategy "
                 f"{config.adt.strategy}, {config.train.max_steps} steps, writing to {config.output_dir}"
                 + (f", resuming {args.resume} at step {checked.saved['step']}" if checked.saved else "")
                 + f"; sources: {', '.join(config.sources)}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..families import FAMILIES as FAMILY_MODULES
 from ..settings import AdtSettings, SettingsError, coerce_fields
 
 if sys.version_info >= (3, 11):
@@ -36,7 +37,7 @@ else:  # Python 3.10: the `toml` package (a dependency)
         return _toml.loads(text)
 
 
-FAMILIES = ("auto", "sd1", "sd2", "sdxl", "sd3")
+FAMILIES = ("auto", *FAMILY_MODULES)  # auto: found from the model (families.family_for)
 METHODS = ("lora", "full")
 PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -59,7 +60,7 @@ def _at_least(section: str, name: str, value: float, low: float) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # a diffusers folder or a single-file .safetensors checkpoint
-    family: str = "auto"  # auto | sd1 | sd2 | sdxl | sd3
+    family: str = "auto"  # auto | a families name: sd1 sd2 sdxl sd3 flux_dev flux_schnell zimage zimage_turbo
     # Single-file checkpoints need the diffusers configs and tokenizers of their
     # model (a folder, e.g. the model repo downloaded without weights).
     config_dir: str = ""
@@ -67,11 +68,15 @@ class ModelConfig:
     prediction_type: str = ""  # override the model's: epsilon | v_prediction (SD2-768 single files)
     vae_dtype: str = "auto"  # auto: fp32 for SDXL under fp16 (its VAE overflows), else the weights' dtype
     attention: str = "auto"  # auto (xformers if installed, else SDPA) | sdpa | xformers
+    # LoRA only: the frozen denoiser stored in float8 (e4m3), each layer cast to the
+    # training dtype for its forward (diffusers' layerwise casting); halves a bf16 base
+    base_dtype: str = "auto"  # auto: the training dtype | fp8
 
     def __post_init__(self):
         _one_of("model", "family", self.family, FAMILIES)
         _one_of("model", "vae_dtype", self.vae_dtype, DTYPES)
         _one_of("model", "attention", self.attention, ("auto", "sdpa", "xformers"))
+        _one_of("model", "base_dtype", self.base_dtype, ("auto", "fp8"))
         _one_of("model", "prediction_type", self.prediction_type, ("", "epsilon", "v_prediction"))
 
 

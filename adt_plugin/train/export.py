@@ -5,7 +5,9 @@ format = "diffusers"    the whole pipeline as a folder (the trained denoiser,
                         diffusers loader, sd-scripts and OneTrainer read it.
 format = "safetensors"  one file in the original checkpoint layout: the
                         denoiser under `model.diffusion_model.` with original
-                        (LDM / MMDiT) names. When the run started from a
+                        (LDM / MMDiT / BFL FLUX) names; a family without a
+                        known original layout (Z-Image) saves diffusers folders
+                        only (checked before the model loads). When the run started from a
                         single-file checkpoint, every other tensor of that
                         file (VAE, text encoders) is copied through, so the
                         result is a complete checkpoint for A1111 and
@@ -21,9 +23,9 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..families import ModelFamily
 from ..fileio import atomic_save_safetensors
 from .keymap import to_original_state_dict
-from .models import Family
 from .state import replace_dir
 
 DENOISER_PREFIX = "model.diffusion_model."
@@ -31,14 +33,14 @@ DENOISER_PREFIX = "model.diffusion_model."
 
 def save_single_file(
     path: Path,
-    family: Family,
+    family: ModelFamily,
     denoiser: torch.nn.Module,
     dtype: torch.dtype,
     source_file: Optional[Path] = None,
     metadata: Optional[Mapping[str, str]] = None,
 ) -> Path:
     state = {k: v.detach().to(dtype) for k, v in denoiser.state_dict().items()}
-    tensors = {DENOISER_PREFIX + k: v for k, v in to_original_state_dict(family.name, state, denoiser.config).items()}
+    tensors = {DENOISER_PREFIX + k: v for k, v in to_original_state_dict(family, state, denoiser.config).items()}
     if source_file is not None:
         from safetensors import safe_open
 

@@ -16,20 +16,8 @@ from typing import Optional
 
 import torch
 
+from ..families import ModelFamily
 from .config import ModelConfig
-
-PIPELINES = {
-    "StableDiffusionPipeline": "sd1",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-}
-# The repository whose configs and tokenizers a single file of each family needs.
-CONFIG_REPOS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-}
 
 
 class ModelLoadError(ValueError):
@@ -40,54 +28,39 @@ def _expand(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
-def family_of_folder(folder: Path) -> str:
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    class_name = json.loads(index.read_text()).get("_class_name", "")
-    if class_name not in PIPELINES:
-        raise ModelLoadError(
-            f"{folder} holds a {class_name or 'unknown'} pipeline; adt train supports {', '.join(PIPELINES)}"
-        )
-    family = PIPELINES[class_name]
-    if family == "sd1":
-        te = folder / "text_encoder" / "config.json"
-        if te.is_file() and json.loads(te.read_text()).get("hidden_size") == 1024:  # OpenCLIP-H: SD 2.x
-            family = "sd2"
-    return family
+def detect_family(config: ModelConfig) -> ModelFamily:
+    """The model's family (families.family_for on the folder or file), or the one
+    `[model] family` names if it has the same weights layout (sd1 / sd2, zimage /
+    zimage_turbo). Reads configs and keys only."""
+    from ..families import FamilyError, family_for, get_family, interchangeable
 
-
-def family_of_file(path: Path) -> str:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise ModelLoadError(f"{path} cannot be read as a safetensors checkpoint ({err})") from err
-    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
-        return "sd3"
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text encoder
-        return "sd2"
-    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
-        return "sd1"
-    raise ModelLoadError(f"{path}: not an SD1.x / SD2.x / SDXL / SD3 checkpoint (no known denoiser keys)")
-
-
-def detect_family(config: ModelConfig) -> str:
     path = _expand(config.path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist (a diffusers folder or a .safetensors file)")
-    found = family_of_folder(path) if path.is_dir() else family_of_file(path)
-    wanted = config.family
-    if wanted != "auto" and wanted != found and {wanted, found} != {"sd1", "sd2"}:
-        raise ModelLoadError(f"[model] family = {wanted!r}, but {path} is a {found} model")
-    return found if wanted == "auto" else wanted
+    try:
+        found = family_for(path)
+    except FamilyError as err:
+        raise ModelLoadError(f"[model] path: {err}") from None
+    if config.family == "auto":
+        return found
+    wanted = get_family(config.family)
+    if not interchangeable(found.name, wanted.name):
+        raise ModelLoadError(f"[model] family = {config.family!r}, but {path} is a {found.name} model ({found.label})")
+    return wanted
 
 
-def config_folder_for(config: ModelConfig, family: str) -> Path:
+def check_single_file(config: ModelConfig, family: ModelFamily) -> None:
+    """A single-file checkpoint of a family whose pipeline diffusers cannot build from
+    one file (FLUX.1's and Z-Image's files hold the transformer alone), before loading."""
+    path = _expand(config.path)
+    if path.is_file() and not family.config_repo:
+        raise ModelLoadError(
+            f"{path} is a single-file {family.label} checkpoint; adt train loads {family.label} from a diffusers "
+            f"folder (the transformer, VAE, text encoders and tokenizers): point [model] path at one"
+        )
+
+
+def config_folder_for(config: ModelConfig, family: ModelFamily) -> Path:
     """The local folder with the diffusers configs a single file of `family` needs."""
     if config.config_dir:
         folder = _expand(config.config_dir)
@@ -97,14 +70,15 @@ def config_folder_for(config: ModelConfig, family: str) -> Path:
                 f"same model (its configs and tokenizers; the weights are not needed)"
             )
         return folder
-    repo = CONFIG_REPOS[family]
+    check_single_file(config, family)
+    repo = family.config_repo
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the cache (or no hub library): say what to do
         raise ModelLoadError(
-            f"{config.path} is a single-file {family} checkpoint; building its pipeline needs the diffusers configs "
+            f"{config.path} is a single-file {family.name} checkpoint; building its pipeline needs the diffusers configs "
             f"and tokenizers of {repo}, and nothing is downloaded at run time. On a machine with internet run "
             f"`hf download {repo} --exclude '*.safetensors' '*.bin' '*.ckpt' '*.pt' '*.onnx*' "
             f"'*.msgpack' --local-dir ./{repo.split('/')[-1]}-configs` and set [model] config_dir to that folder "
@@ -121,19 +95,15 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if new else {"torch_dtype": dtype}
 
 
-def load_pipeline(config: ModelConfig, family: str, dtype: torch.dtype = torch.float32):
+def load_pipeline(config: ModelConfig, family: ModelFamily, dtype: torch.dtype = torch.float32):
     """The diffusers pipeline (on the CPU, in `dtype`), from local files only."""
     import diffusers
 
-    from .models import FAMILIES
-
     path = _expand(config.path)
-    cls = getattr(diffusers, FAMILIES[family].pipeline_class)
+    cls = getattr(diffusers, family.pipeline_class)
     if path.is_dir():
-        # SD3 runs without its T5 encoder (the pipeline then uses zeros); a folder may leave it out.
-        absent = {
-            name: None for name in ("text_encoder_3", "tokenizer_3") if family == "sd3" and not (path / name).is_dir()
-        }
+        # components the family runs without (SD3's T5: the pipeline then uses zeros)
+        absent = {name: None for name in family.optional_components if not (path / name).is_dir()}
         if "safety_checker" in json.loads((path / "model_index.json").read_text()):
             # never needed here: loading it costs a 1.2 GB CLIP and it would black out samples
             absent.update(safety_checker=None, requires_safety_checker=False)

@@ -44,7 +44,6 @@ from ..fileio import atomic_write_bytes
 from ..strategies import TrainBatch, build_strategy, preflight
 from .config import RunConfig
 from .data import collate
-from .models import encode_latents
 from .monitor import Monitor
 from .sampling import pil_bytes, sample_grid
 from .saving import NonFiniteSave, Saved, save
@@ -96,7 +95,7 @@ def train(config: RunConfig, resume: Optional[Path] = None, echo: Callable[[str]
     data = load_data(config, checked.report, model, procs, say)
     # The strategy offsets its seed by the process rank itself: each process draws its
     # own noise, start steps and augmentations.
-    strategy = build_strategy(config.adt, model.scheduler_config, device=procs.device)
+    strategy = build_strategy(config.adt, model.scheduler_config, device=procs.device, family=model.family)
     optim = make_optimisation(config, model, procs)
     progress = Progress()
     if resume is not None:
@@ -262,7 +261,7 @@ def train_batch(batch: dict, model, device: torch.device) -> TrainBatch:
     if "latents" in batch:
         x0 = batch["latents"].to(device, torch.float32)
     else:
-        x0 = encode_latents(model.pipe.vae, batch["pixels"].to(device))
+        x0 = model.family.encode_latents(model.pipe.vae, batch["pixels"].to(device))
     if "text" in batch:
         cond = {k: v.to(device, model.weight_dtype) for k, v in batch["text"].items()}
     else:
@@ -300,6 +299,7 @@ def draw_samples(config, model, data, procs, monitor: Monitor, step: int) -> Opt
     model.denoiser.eval()
     image = sample_grid(
         model.scheduler_config,
+        model.family,
         config.adt.rollout_config(),
         data.samples.adapter,
         data.samples.conds,

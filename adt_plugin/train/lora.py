@@ -13,12 +13,19 @@ comfy/lora.py key map and diffusers' kohya converters):
     sd1, sd2   lora_unet_ + the diffusers module name, dots -> underscores
                (sd-scripts trains SD1/2 on a UNet with diffusers names)
     sdxl       lora_unet_ + the LDM name (input_blocks_4_1_transformer_blocks_0_attn1_to_q)
+    flux_*     lora_unet_ + BFL's name, as sd-scripts' networks/lora_flux.py writes it
+               (double_blocks_0_img_attn_qkv, single_blocks_0_linear1, ...)
 
-SD3 LoRAs are written in diffusers' layout instead (`transformer.<module>.lora_A /
-lora_B`, alpha / rank folded into lora_B): the only one both diffusers and ComfyUI
-read (see keymap.py). `fmt=KOHYA` writes sd-scripts' SD3 layout (lora_unet_ + the
-MMDiT name, q, k and v fused into one layer of rank 3r, up block-diagonal, alpha x 3
-so that alpha / rank is unchanged: a loader divides alpha by the fused rank).
+A fused original layer (FLUX's and SD3's q, k, v; FLUX's single-block linear1 =
+q, k, v and the MLP's input) trained as n diffusers layers of rank r is written as
+one layer of rank n r: the downs stacked, up block-diagonal (each part's rows hold
+its own up), alpha x n so that alpha / rank is unchanged (a loader divides alpha
+by the fused rank). The update is exactly the sum of the parts'.
+
+SD3 and Z-Image LoRAs are written in diffusers' layout instead (`transformer.<module>.lora_A /
+lora_B`, alpha / rank folded into lora_B): for SD3 the only one both diffusers and
+ComfyUI read (see keymap.py). `fmt=KOHYA` writes sd-scripts' SD3 layout. Which
+layout is the family's fact (`family.lora.file_format`).
 """
 
 from __future__ import annotations
@@ -31,25 +38,29 @@ import torch
 
 from ..fileio import atomic_save_safetensors
 from .config import LoraConfig
-from .keymap import LORA_FORMATS, LoraFormat, UnmappedName, lora_layer_name, swap_halves
-from .models import Family
+from ..families import ModelFamily
+from .keymap import LoraFormat, UnmappedName, lora_format, lora_layer_name, swap_halves
+
 
 class LoraSetupError(ValueError):
     """A LoRA target that matches nothing, or that no kohya name exists for."""
 
 
-def add_lora(denoiser: torch.nn.Module, family: Family, config: LoraConfig) -> list[torch.nn.Parameter]:
-    """Freeze the denoiser, add a peft LoRA adapter, return the trainable parameters."""
+def add_lora(denoiser: torch.nn.Module, family: ModelFamily, config: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the denoiser, add a peft LoRA adapter, return the trainable parameters.
+    The family's default targets leave out what its `lora.exclude` names (FLUX's final
+    layer); targets the user lists are taken as they are."""
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = list(config.target_modules or family.lora_targets)
+    targets = list(config.target_modules or family.lora.targets)
     names = [n for n, _ in denoiser.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         raise LoraSetupError(
             f"[lora] target_modules {unmatched} match no layer of this {family.name} denoiser; "
-            f"the default for the family is {list(family.lora_targets)}"
+            f"the default for the family is {list(family.lora.targets)}"
         )
+    exclude = None if config.target_modules else (family.lora.exclude or None)
     denoiser.requires_grad_(False)
     denoiser.add_adapter(
         PeftLoraConfig(
@@ -57,13 +68,14 @@ def add_lora(denoiser: torch.nn.Module, family: Family, config: LoraConfig) -> l
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
             target_modules=targets,
+            exclude_modules=exclude,
             init_lora_weights=True,
         )
     )
-    fmt = LORA_FORMATS[family.name]
+    fmt = lora_format(family)
     for module in lora_modules(denoiser):  # fail now, not at the first save
         try:
-            lora_layer_name(family.name, module, denoiser.config, fmt)
+            lora_layer_name(family, module, denoiser.config, fmt)
         except UnmappedName:
             raise LoraSetupError(
                 f"[lora] layer {module} has no name in the {fmt.name} LoRA format for {family.name}; "
@@ -92,34 +104,35 @@ def lora_modules(denoiser: torch.nn.Module) -> list[str]:
 
 
 def to_kohya(
-    family: Family,
+    family: ModelFamily,
     denoiser: torch.nn.Module,
     alpha: float,
     dtype: torch.dtype = torch.float16,
     fmt: Optional[LoraFormat] = None,
 ) -> dict[str, torch.Tensor]:
-    """The LoRA file's tensors in `fmt` (default: the family's format, LORA_FORMATS)."""
-    fmt = fmt or LORA_FORMATS[family.name]
+    """The LoRA file's tensors in `fmt` (default: the family's layout, `family.lora.file_format`)."""
+    fmt = fmt or lora_format(family)
     state = peft_state(denoiser)
-    groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = {}
     for module in lora_modules(denoiser):
         down, up = state[f"{module}.lora_A.weight"].float(), state[f"{module}.lora_B.weight"].float()
-        target = lora_layer_name(family.name, module, denoiser.config, fmt)
-        group = groups.setdefault(target.name, {"parts": [None] * target.parts})
-        group["parts"][target.part] = (down, swap_halves(up) if target.swap else up)
+        target = lora_layer_name(family, module, denoiser.config, fmt)
+        parts = groups.setdefault(target.name, [None] * target.parts)
+        parts[target.part] = (down, swap_halves(up) if target.swap else up)
+    widths = _part_widths(family, denoiser, fmt, groups) if any(len(p) > 1 for p in groups.values()) else {}
     out: dict[str, torch.Tensor] = {}
-    for name, group in groups.items():
-        parts = group["parts"]
+    for name, parts in groups.items():
         if len(parts) == 1:
             down, up = parts[0]
-        else:  # a fused layer (SD3 qkv): rank 3r, block-diagonal up; absent parts stay zero
-            shape = next(p for p in parts if p is not None)
-            rank, out_dim = shape[0].shape[0], shape[1].shape[0]
-            downs, up = [], torch.zeros(out_dim * len(parts), rank * len(parts), *shape[1].shape[2:])
+        else:  # a fused layer: rank n r, block-diagonal up; absent parts stay zero
+            some = next(p for p in parts if p is not None)
+            rank = some[0].shape[0]
+            rows = widths[name]
+            downs, up = [], torch.zeros(sum(rows), rank * len(parts), *some[1].shape[2:])
             for i, piece in enumerate(parts):
-                downs.append(piece[0] if piece else torch.zeros_like(shape[0]))
+                downs.append(piece[0] if piece else torch.zeros_like(some[0]))
                 if piece:
-                    up[i * out_dim : (i + 1) * out_dim, i * rank : (i + 1) * rank] = piece[1]
+                    up[sum(rows[:i]) : sum(rows[: i + 1]), i * rank : (i + 1) * rank] = piece[1]
             down = torch.cat(downs, dim=0)
         if fmt.writes_alpha:
             out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(parts))
@@ -130,24 +143,38 @@ def to_kohya(
     return out
 
 
+def _part_widths(family, denoiser, fmt, groups) -> dict[str, list[int]]:
+    """The rows each part of a fused layer holds (its diffusers layer's output width),
+    read from the denoiser: a part the LoRA does not train still has its rows."""
+    widths: dict[str, list[int]] = {name: [0] * len(parts) for name, parts in groups.items() if len(parts) > 1}
+    for module, layer in denoiser.named_modules():
+        if not isinstance(layer, torch.nn.Linear) or ".lora_" in module:
+            continue
+        module = module.removesuffix(".base_layer")  # a layer peft wrapped
+        try:
+            target = lora_layer_name(family, module, denoiser.config, fmt)
+        except UnmappedName:
+            continue
+        if target.name in widths:
+            widths[target.name][target.part] = layer.out_features
+    return widths
+
+
 def lora_metadata(
-    family: Family, lora: LoraConfig, prediction_type: str, extra: Optional[Mapping[str, Any]] = None
+    family: ModelFamily, lora: LoraConfig, prediction_type: str, extra: Optional[Mapping[str, Any]] = None
 ) -> dict[str, str]:
     """sd-scripts' `ss_*` keys and the Stability AI model spec, as kohya tools read them."""
-    version = family.base_model_version
-    architecture = family.architecture
-    if family.name == "sd2" and prediction_type == "v_prediction":
-        version, architecture = "sd_v2_v", "stable-diffusion-v2-768-v"
+    spec = family.model_spec(prediction_type)
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": family.lora.network_module,
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(lora.alpha),
         "ss_network_dropout": str(lora.dropout),
-        "ss_base_model_version": version,
-        "ss_v2": str(family.name == "sd2"),
+        "ss_base_model_version": spec["ss_base_model_version"],
+        "ss_v2": spec["ss_v2"],
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": family.implementation,
+        "modelspec.architecture": f"{spec['modelspec.architecture']}/lora",
+        "modelspec.implementation": spec["modelspec.implementation"],
         "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction_type, prediction_type),
     }
     for key, value in (extra or {}).items():
@@ -157,7 +184,7 @@ def lora_metadata(
 
 def save_lora(
     path: Path,
-    family: Family,
+    family: ModelFamily,
     denoiser: torch.nn.Module,
     lora: LoraConfig,
     metadata: Mapping[str, str],

@@ -1,8 +1,9 @@
 """Fixed-seed sample grids with the sampler the rollout uses.
 
 The grid runs the core's Rollout from pure noise over the whole inference
-schedule with gradients off: the same sampler, step count and guidance that ADT
-trains against, so what the grid shows is what inference will give.
+schedule with gradients off: the same sampler, step count, guidance (the family's
+mode) and timesteps for the grid's latent size (FLUX.1-dev's shift depends on it)
+that ADT trains against, so what the grid shows is what inference will give.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..adapter import ModelAdapter
+from ..families import ModelFamily
 from ..rollout import Rollout, RolloutConfig
 
 
@@ -27,7 +29,8 @@ def sample_latents(
     """One sample from noise drawn with `seed` (on the CPU, so every device draws the same)."""
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
     plan = rollout.plan(torch.Generator(), num_steps=rollout.schedule_length)
-    x_start = noise * getattr(rollout.template, "init_noise_sigma", 1.0)  # flow matching: pure noise
+    scheduler = rollout.scheduler_for(noise.shape)  # the schedule for this latent size
+    x_start = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: pure noise
     return rollout.run(adapter, x_start, cond, plan, grad_mode="off").sample
 
 
@@ -49,6 +52,7 @@ def grid(images: Sequence[Image.Image], columns: int = 4) -> Image.Image:
 
 def sample_grid(
     scheduler_config: Mapping,
+    family: ModelFamily,
     rollout_config: RolloutConfig,
     adapter: ModelAdapter,
     conds: Sequence[Mapping[str, torch.Tensor]],
@@ -57,7 +61,7 @@ def sample_grid(
     device,
 ) -> Image.Image:
     """One image per conditioning (prompt i uses seed + i), in a grid."""
-    rollout = Rollout(scheduler_config, rollout_config, device=device)
+    rollout = Rollout(scheduler_config, rollout_config, device=device, family=family)
     images = []
     with torch.no_grad():
         for i, cond in enumerate(conds):

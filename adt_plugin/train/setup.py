@@ -23,6 +23,7 @@ import torch
 
 from ..decode import LatentDecoder
 from ..distributed import broadcast_from_rank0
+from ..families import FamilyAdapter, ModelFamily
 from ..noise import prediction_type_of
 from .config import ConfigError, RunConfig
 from .data import (
@@ -38,9 +39,9 @@ from .data import (
     prepare_image,
     scan_folder,
 )
-from .loading import detect_family, load_pipeline, resolve_dtype, set_attention
+from .keymap import LAYOUTS
+from .loading import ModelLoadError, check_single_file, detect_family, load_pipeline, resolve_dtype, set_attention
 from .lora import add_lora
-from .models import FAMILIES, DiffusersAdapter, Family, encode_latents
 from .state import check_resume, read_trainer_json
 
 Say = Callable[[str], None]
@@ -62,18 +63,50 @@ def check_environment(config: RunConfig) -> None:
             ) from err
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("[train] mixed_precision = 'fp16' needs a CUDA device; use 'bf16' or 'no' on the CPU")
+    if config.model.base_dtype == "fp8":
+        if config.train.method != "lora":
+            raise ConfigError(
+                "[model] base_dtype = 'fp8' stores the frozen weights of a LoRA run in float8; a full fine-tune trains "
+                "them (in float32): set train.method = 'lora' or base_dtype = 'auto'"
+            )
+        from diffusers import ModelMixin
+
+        if not hasattr(torch, "float8_e4m3fn") or not hasattr(ModelMixin, "enable_layerwise_casting"):
+            raise ConfigError(
+                "[model] base_dtype = 'fp8' needs torch with float8 and diffusers with layerwise casting (>= 0.32); "
+                "upgrade them or set base_dtype = 'auto'"
+            )
 
 
-def check_sampler_fits(config: RunConfig, family: str) -> None:
-    """SD3 is a flow-matching model, the others predict noise: the sampler must match
-    (it is the rollout's and the sample grids'), checked before the model loads."""
+def check_sampler_fits(config: RunConfig, family: ModelFamily) -> None:
+    """Flow-matching families (SD3, FLUX, Z-Image) need a flow sampler, the others one
+    for noise prediction (it is the rollout's and the sample grids'); the guidance value
+    must be one the family's sampler uses. Checked before the model loads."""
     from ..samplers import SAMPLERS, resolve_sampler_name
 
     flow_sampler = SAMPLERS[resolve_sampler_name(config.adt.sampler)].flow
-    if flow_sampler != (family == "sd3"):
-        fitting = sorted(n for n, spec in SAMPLERS.items() if spec.flow == (family == "sd3"))
+    if flow_sampler != family.flow:
+        fitting = sorted(n for n, spec in SAMPLERS.items() if spec.flow == family.flow)
         raise ConfigError(
-            f"[adt] sampler = {config.adt.sampler!r} does not fit a {family} model; use one of {', '.join(fitting)}"
+            f"[adt] sampler = {config.adt.sampler!r} does not fit a {family.name} model; use one of {', '.join(fitting)}"
+        )
+    try:
+        family.guidance.check(config.adt.guidance_scale, family.label)
+    except ValueError as err:
+        raise ConfigError(f"[adt] guidance_scale: {err}") from None
+
+
+def check_model_fits(config: RunConfig, family: ModelFamily) -> None:
+    """What the family can load and save, before the model loads."""
+    try:
+        check_single_file(config.model, family)
+    except ModelLoadError as err:
+        raise ConfigError(str(err)) from None
+    full_file = config.train.method == "full" and config.save.format == "safetensors"
+    if full_file and family.lora.original not in LAYOUTS:
+        raise ConfigError(
+            f"[save] format = 'safetensors': no single-file (original) layout is known for {family.label}; "
+            f"set save.format = 'diffusers' (a diffusers folder)"
         )
 
 
@@ -108,7 +141,7 @@ def check_writable(config: RunConfig) -> None:
 @dataclass(frozen=True)
 class Checked:
     report: ScanReport  # the usable images and the skipped ones
-    family: str  # sd1 | sd2 | sdxl | sd3
+    family: ModelFamily  # the model's (families/), or the one [model] family names
     saved: Optional[Mapping[str, Any]]  # the resumed state's trainer.json
 
 
@@ -118,11 +151,12 @@ def check_run(config: RunConfig, resume: Optional[Path] = None) -> Checked:
     check_writable(config)
     report = scan_folder(config.data.folder, config.data.caption_extension, config.data.min_size)
     family = detect_family(config.model)
+    check_model_fits(config, family)
     check_sampler_fits(config, family)
     saved = None
     if resume is not None:
         saved = read_trainer_json(resume)
-        check_resume(Path(resume), saved, config, family)
+        check_resume(Path(resume), saved, config, family.name)
     return Checked(report, family, saved)
 
 
@@ -162,11 +196,11 @@ def start_processes(config: RunConfig) -> Processes:
 
 @dataclass(frozen=True)
 class Model:
-    family: Family
+    family: ModelFamily
     pipe: Any  # the diffusers pipeline (text encoders, VAE, tokenizers)
-    denoiser: torch.nn.Module  # UNet or SD3 transformer, trainable (LoRA or whole)
+    denoiser: torch.nn.Module  # the UNet or transformer, trainable (LoRA or whole)
     params: tuple[torch.nn.Parameter, ...]  # what the optimizer trains, float32
-    adapter: DiffusersAdapter  # the core's ModelAdapter (unconditional = the empty prompt)
+    adapter: FamilyAdapter  # the core's ModelAdapter (unconditional = the empty prompt)
     decoder: LatentDecoder
     empty_text: Mapping[str, torch.Tensor]
     scheduler_config: Mapping[str, Any]
@@ -176,19 +210,17 @@ class Model:
     attention: str
 
 
-def load_model(config: RunConfig, family_name: str, procs: Processes, say: Say) -> Model:
-    family = FAMILIES[family_name]
+def load_model(config: RunConfig, family: ModelFamily, procs: Processes, say: Say) -> Model:
     mixed = config.train.mixed_precision
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     if config.model.vae_dtype == "auto":
-        fp32_vae = family_name == "sdxl" and mixed == "fp16"  # SDXL's VAE overflows in fp16
-        vae_dtype = torch.float32 if fp32_vae else weight_dtype
+        vae_dtype = family.vae_dtype(weight_dtype)  # SDXL's VAE overflows in fp16: float32
     else:
         vae_dtype = resolve_dtype(config.model.vae_dtype)
-    say(f"loading {family_name} model from {config.model.path}")
+    say(f"loading {family.name} model from {config.model.path}")
     # A full fine-tune keeps float32 master weights: load them as stored, not through bf16.
     full = config.train.method == "full"
-    pipe = load_pipeline(config.model, family_name, torch.float32 if full else weight_dtype)
+    pipe = load_pipeline(config.model, family, torch.float32 if full else weight_dtype)
     denoiser = getattr(pipe, family.denoiser_attr)
     vae = pipe.vae.requires_grad_(False)
     if vae.dtype != vae_dtype:
@@ -204,6 +236,8 @@ def load_model(config: RunConfig, family_name: str, procs: Processes, say: Say) 
     if full:
         params = list(denoiser.to(torch.float32).requires_grad_(True).parameters())
     else:
+        if config.model.base_dtype == "fp8":  # before the LoRA: its own layers stay float32
+            denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
         params = add_lora(denoiser, family, config.lora)
     for p in params:  # trainable weights in float32 whatever the base's dtype
         p.data = p.data.float()
@@ -215,10 +249,10 @@ def load_model(config: RunConfig, family_name: str, procs: Processes, say: Say) 
     decoder = LatentDecoder(vae, gradient_checkpointing=config.train.gradient_checkpointing)
     with torch.no_grad():
         empty_text = family.empty_text(pipe, procs.device)
-    adapter = DiffusersAdapter(family, denoiser, scheduler_config, empty_text, decoder, procs.accelerator.autocast)
+    adapter = FamilyAdapter(family, denoiser, scheduler_config, empty_text, decoder, procs.accelerator.autocast)
     prediction_type = prediction_type_of(scheduler_config)
     say(
-        f"{family_name} ({prediction_type}), {config.train.method}: "
+        f"{family.name} ({prediction_type}), {config.train.method}: "
         f"{sum(p.numel() for p in params):,} trainable parameters; attention {attention}; "
         f"mixed precision {mixed}; {procs.world} process(es) on {procs.device}"
     )
@@ -247,7 +281,7 @@ class SamplePrompts:
 
     conds: tuple[Mapping[str, torch.Tensor], ...]
     latent_shape: tuple[int, int, int]
-    adapter: DiffusersAdapter  # unconditional = the negative prompt (or the empty one)
+    adapter: FamilyAdapter  # unconditional = the negative prompt (or the empty one)
 
 
 @dataclass(frozen=True)
@@ -318,7 +352,7 @@ def cache_latents(
             say(f"caching latents of {len(missing)} images in {folder}")
         for i in missing:
             prepared = prepare_image(items[i].path, sizes[i])
-            latents = encode_latents(vae, prepared.pixels[None])[0].cpu()
+            latents = model.family.encode_latents(vae, prepared.pixels[None])[0].cpu()
             size = torch.tensor([*prepared.original_size, *prepared.crop_top_left, *prepared.target_size])
             atomic_save_safetensors({"latents": latents, "size_cond": size}, files[i])
     return files
@@ -356,10 +390,12 @@ def encode_sample_prompts(config: RunConfig, model: Model, procs: Processes) -> 
         negative = model.empty_text
         if sample.negative_prompt:
             negative = family.encode_text(model.pipe, [sample.negative_prompt], device)
-    adapter = DiffusersAdapter(
+    adapter = FamilyAdapter(
         family, model.denoiser, model.scheduler_config, negative, model.decoder, procs.accelerator.autocast
     )
-    shape = (model.denoiser.config.in_channels, height // model.latent_factor, width // model.latent_factor)
+    # the VAE's latent channels (FLUX's transformer takes them packed: 4x as many inputs)
+    channels = model.pipe.vae.config.latent_channels
+    shape = (channels, height // model.latent_factor, width // model.latent_factor)
     return SamplePrompts(tuple(conds), shape, adapter)
 
 
@@ -412,6 +448,7 @@ __all__ = [
     "Processes",
     "SamplePrompts",
     "check_environment",
+    "check_model_fits",
     "check_run",
     "check_sampler_fits",
     "check_writable",

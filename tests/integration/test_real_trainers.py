@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,15 @@ def load(python: str, path: Path) -> dict:
     """Tensors of a safetensors file, as lists (read in the tool's Python)."""
     rc, out = run([python, "-c", "import json, sys\nfrom safetensors.torch import load_file\n"
                    "print(json.dumps({k: v.float().flatten().tolist() for k, v in load_file(sys.argv[1]).items()}))", path])
+    assert rc == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def digests(python: str, path: Path) -> dict:
+    """{key: [number of non-zero values, sha1 of the bytes]} of a safetensors file (for big ones)."""
+    rc, out = run([python, "-c", "import hashlib, json, sys\nfrom safetensors.torch import load_file\n"
+                   "print(json.dumps({k: [int(v.count_nonzero()), hashlib.sha1(v.float().numpy().tobytes()).hexdigest()] "
+                   "for k, v in load_file(sys.argv[1]).items()}))", path])
     assert rc == 0, out
     return json.loads(out.strip().splitlines()[-1])
 
@@ -107,16 +117,20 @@ class TestSdScripts:
         assert step2 == step3  # iteration 3 was discriminator-only: the LoRA did not move
         assert step3 != step4
         tags = scalars(python, tmp_path / "logs")
-        assert {"loss/D", "D/real", "D/fake", "loss/G", "loss/current"} <= tags.keys()
+        assert {"loss/D", "D/real", "D/fake", "loss/G", "loss/current", "cost/forward_equiv", "cost/total_ft_steps"} <= tags.keys()
         # sd-scripts' own loss curve shows ADT's diffusion term (float32 rounding apart)
         assert [s for s, _ in tags["loss/current"]] == [s for s, _ in tags["loss/diff"]]
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(tags["loss/current"], tags["loss/diff"]))
 
+        assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
+
         rc, log = self.train(world, tmp_path / "resumed", "--max_train_steps", "4", "--resume", out / "tiny-step00000003-state",
-                             "--skip_until_initial_step")
+                             "--skip_until_initial_step", "--logging_dir", tmp_path / "resumed_logs")
         assert rc == 0, log[-3000:]
         assert "ADT: discriminator restored from" in log
         assert (tmp_path / "resumed" / "tiny.adt_disc.safetensors").exists()
+        # iteration 4 is a generator step: the count goes on from the state's 1, not from 0
+        assert [v for _, v in scalars(python, tmp_path / "resumed_logs")["adt/generator_steps"]] == [2.0]
 
     def test_resuming_a_plain_sd_scripts_state_starts_a_fresh_discriminator(self, world, tmp_path):
         rc, log = self.train(world, tmp_path / "plain", "--max_train_steps", "1", "--save_every_n_steps", "1", "--save_state",
@@ -126,6 +140,40 @@ class TestSdScripts:
                              tmp_path / "plain" / "tiny-step00000001-state", "--skip_until_initial_step")
         assert rc == 0, log[-3000:]
         assert "fresh discriminator" in log
+
+    @pytest.mark.skipif(os.environ.get("ADT_SD_SCRIPTS_SDXL") == "0", reason="ADT_SD_SCRIPTS_SDXL=0")
+    def test_sdxl_trains_in_sd_scripts_own_sdxl_trainer(self, world, tmp_path):
+        """sdxl_train_network.py itself. Its SDXL UNet has fixed sizes, so this one is a
+        full-size random SDXL UNet (2.6B, bfloat16, ~5 GB on disk, ~15 GB of memory while
+        sd-scripts converts it) with small text encoders of the widths it reads; 64 px,
+        two ADT iterations (set ADT_SD_SCRIPTS_SDXL=0 to skip it)."""
+        root, python = world
+        build(python, f"sys.path.insert(0, {str(SD_SCRIPTS)!r})\nfrom library import sdxl_model_util\n"
+                      f"t.sdxl_diffusers_for_sd_scripts(Path({str(tmp_path / 'sdxl')!r}), Path({str(tmp_path / 'tok')!r}), "
+                      "sdxl_model_util.DIFFUSERS_SDXL_UNET_CONFIG)")
+        out = tmp_path / "out"
+        cmd = [python, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "2", "--mixed_precision", "bf16",
+               "-m", "adt_plugin.kohya.launch", Path(SD_SCRIPTS) / "sdxl_train_network.py",
+               "--pretrained_model_name_or_path", tmp_path / "sdxl", "--tokenizer_cache_dir", tmp_path / "tok",
+               "--train_data_dir", root / "data", "--caption_extension", ".txt", "--output_dir", out, "--output_name", "tiny",
+               "--resolution", "64", "--network_module", "networks.lora", "--network_dim", "4", "--network_train_unet_only",
+               "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--sdpa", "--seed", "1", "--cache_latents",
+               "--no_half_vae", "--max_data_loader_n_workers", "0", "--max_train_steps", "2", "--save_every_n_steps", "1",
+               "--logging_dir", tmp_path / "logs", "--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3",
+               "--adt_num_inference_steps", "3", "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
+        try:
+            rc, log = run(cmd)
+            assert rc == 0, log[-3000:]
+            assert "ADT: strategy adt, SDXL: rollout ddim x 3 steps" in log and ", CFG 5.0," in log  # SDXL's CFG default
+            step1, step2 = (digests(python, out / f"tiny-step0000000{i}.safetensors") for i in (1, 2))
+            assert all(nonzero == 0 for k, (nonzero, _) in step1.items() if "lora_up" in k)  # iteration 1: D only
+            assert all(step1[k] != step2[k] for k in step1 if "lora_up" in k)  # iteration 2 moved every LoRA
+            assert (out / "tiny.adt_disc.safetensors").exists()
+            tags = scalars(python, tmp_path / "logs")
+            assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0]
+            assert [v == v for _, v in tags["loss/G"]] == [True]  # one generator step, finite
+        finally:
+            shutil.rmtree(tmp_path / "sdxl", ignore_errors=True)  # 5 GB
 
     def test_sd3_family_with_sd_scripts_own_sd3_models(self, world, tmp_path):
         """SD3's thin part on sd-scripts' real MMDiT, SDVAE and text-encoding strategy (a
@@ -141,6 +189,25 @@ class TestSdScripts:
         assert result["d_only_grads"] == 0 and result["g_grads"] >= 0.8 * result["params"] > 0
         assert result["decoded"] == [1, 3, 64, 64] and result["decode_grad"] is True
 
+    @pytest.mark.parametrize("extra, toml_text, message", [
+        (["--adt_g_evry", "3"], None, "command line: unknown option --adt_g_evry; did you mean --adt_g_every?"),
+        (["--adt_g_every", "five"], None, "command line: argument --adt_g_every: invalid int value: 'five'"),
+        ([], "[adt]\nadt_lamda_diff = 0.3\n", "{toml} / command line: unknown ADT option 'adt_lamda_diff'; did you mean 'adt_lambda_diff'?"),
+        ([], "[adt]\nadt_at_steps = 0\n", "{toml} / command line: at_steps must be >= 1, got 0"),
+    ], ids=["misspelt-flag", "bad-value", "misspelt-toml-key", "out-of-range"])
+    def test_bad_adt_options_stop_before_sd_scripts_starts(self, world, tmp_path, extra, toml_text, message):
+        if toml_text is not None:
+            (tmp_path / "c.toml").write_text(toml_text)
+            extra = extra + ["--config_file", tmp_path / "c.toml"]
+        message = message.format(toml=tmp_path / "c.toml")
+        started = time.monotonic()
+        rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", *extra)
+        seconds = time.monotonic() - started
+        assert rc != 0 and f"adt_plugin.kohya: {message}" in log, log[-3000:]
+        # one line from the launcher, no traceback of ours (accelerate then reports the exit code with its own)
+        assert 'adt_plugin/kohya/launch.py", line' not in log, log[-3000:]
+        print(f"stopped after {seconds:.1f} s: {message}")
+
     def test_a_missing_backbone_stops_before_sd_scripts_loads_the_model(self, world, tmp_path):
         rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", backbone="facebook/dinov2-small",
                              HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
@@ -148,12 +215,6 @@ class TestSdScripts:
         assert "adt_plugin.kohya: DINOv2 backbone 'facebook/dinov2-small': not a local folder and not in the Hugging Face cache" in log
         assert "hf download facebook/dinov2-small --local-dir ./dinov2-small" in log
         assert "load Diffusers pretrained models" not in log, log[-3000:]
-
-    def test_unknown_adt_option_in_a_config_file_is_named(self, world, tmp_path):
-        config = tmp_path / "c.toml"
-        config.write_text("[adt]\nadt_lamda_diff = 0.3\n")
-        rc, log = self.train(world, tmp_path / "x", "--max_train_steps", "1", "--config_file", config)
-        assert rc != 0 and "did you mean 'adt_lambda_diff'" in log
 
 
 SD3_CHECK = """
@@ -219,16 +280,30 @@ class TestOneTrainer:
         rc, out = run([sys.executable, REPO / "install.py", "--onetrainer", checkout, "--no-pip"])  # python has adt-plugin
         assert rc == 0, out
         build(python, f"t.tiny_sd15_full_diffusers(Path({str(root / 'sd15')!r}))\n"
+                      f"t.tiny_sdxl_full_diffusers(Path({str(root / 'sdxl')!r}))\n"
+                      f"t.tiny_sd3_full_diffusers(Path({str(root / 'sd3')!r}))\n"
                       f"t.tiny_dinov2_folder(Path({str(root / 'dinov2')!r}))\n"
                       f"t.tiny_image_folder(Path({str(root / 'data')!r}))")
         return root, python, checkout
 
-    def config(self, world, workspace: Path, **changes) -> Path:
+    # the model parts each family's config names, all in float32 on the CPU
+    PARTS = {
+        "sd15": {"unet": {"weight_dtype": "FLOAT_32"}, "text_encoder": {"weight_dtype": "FLOAT_32", "train": False}},
+        "sdxl": {"unet": {"weight_dtype": "FLOAT_32"}, "text_encoder": {"weight_dtype": "FLOAT_32", "train": False},
+                 "text_encoder_2": {"weight_dtype": "FLOAT_32", "train": False}},
+        "sd3": {"transformer": {"weight_dtype": "FLOAT_32", "train": True},
+                "text_encoder": {"weight_dtype": "FLOAT_32", "train": False},
+                "text_encoder_2": {"weight_dtype": "FLOAT_32", "train": False},
+                "text_encoder_3": {"weight_dtype": "FLOAT_32", "train": False}},
+    }
+    PRESETS = {"sd15": "SD1.5/#sd 1.5 LoRA ADT.json", "sdxl": "SDXL/#sdxl 1.0 LoRA ADT.json", "sd3": "SD3/#sd 3 LoRA ADT.json"}
+
+    def config(self, world, workspace: Path, model: str = "sd15", **changes) -> Path:
         root, _, _ = world
         config = {
-            "__version": 11, "base_model_name": str(root / "sd15"), "train_device": "cpu", "temp_device": "cpu",
+            "__version": 11, "base_model_name": str(root / model), "train_device": "cpu", "temp_device": "cpu",
             "train_dtype": "FLOAT_32", "fallback_train_dtype": "FLOAT_32", "output_dtype": "FLOAT_32",
-            "unet": {"weight_dtype": "FLOAT_32"}, "text_encoder": {"weight_dtype": "FLOAT_32", "train": False},
+            **self.PARTS[model],
             "vae": {"weight_dtype": "FLOAT_32"}, "resolution": "64", "aspect_ratio_bucketing": False, "epochs": 1,
             "batch_size": 1, "learning_rate": 0.001, "workspace_dir": str(workspace), "cache_dir": str(workspace / "cache"),
             "tensorboard": False, "dataloader_threads": 1,
@@ -246,10 +321,25 @@ class TestOneTrainer:
         path.write_text(json.dumps(config))
         return path
 
-    def train(self, world, config: Path, **env):
+    def train(self, world, config: Path, *extra, model: str = "sd15", **env):
         _, python, checkout = world
-        return run([python, "scripts/train.py", "--preset-path", "training_presets/SD1.5/#sd 1.5 LoRA ADT.json",
-                    "--config-path", config], cwd=checkout, **env)
+        return run([python, "scripts/train.py", "--preset-path", f"training_presets/{self.PRESETS[model]}",
+                    "--config-path", config, *extra], cwd=checkout, **env)
+
+    @pytest.mark.parametrize("model, label, sampler", [("sdxl", "SDXL", "ddim"), ("sd3", "SD3", "flow_euler")])
+    def test_sdxl_and_sd3_presets_train_and_save(self, world, tmp_path, model, label, sampler):
+        """The SDXL and SD3 ADT presets on tiny models of those architectures (SD3 with a
+        one-layer T5): OneTrainer's own loaders, data pipeline, setups and savers."""
+        _, python, _ = world
+        workspace = tmp_path / "ws"
+        rc, log = self.train(world, self.config(world, workspace, model=model), model=model)
+        assert rc == 0, log[-3000:]
+        assert f"ADT: strategy adt, {label}: rollout {sampler} x 3 steps" in log
+        assert (workspace / "out" / "lora.safetensors").exists() and (workspace / "out" / "lora.adt_disc.safetensors").exists()
+        assert all((b / "adt_disc.safetensors").exists() for b in (workspace / "backup").iterdir())
+        tags = scalars(python, workspace / "tensorboard")
+        assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
+        assert all(v == v for _, v in tags["loss/G"])  # two generator steps, finite
 
     def test_a_missing_backbone_stops_before_onetrainer_loads_the_model(self, world, tmp_path):
         root, _, _ = world
@@ -260,8 +350,9 @@ class TestOneTrainer:
         assert rc != 0
         assert "DINOv2 backbone 'facebook/dinov2-small': not a local folder and not in the Hugging Face cache" in log
         assert "set adt.backbone_path to that folder" in log
-        # raised where the trainer creates its model loader, before the loader ran
-        assert "create_model_loader" in log and "model_loader.load" not in log, log[-3000:]
+        # one line, raised where the trainer creates its model loader: before OneTrainer made its cache folder
+        assert "adt-plugin: DINOv2 backbone 'facebook/dinov2-small'" in log and "Traceback" not in log, log[-3000:]
+        assert not (workspace / "cache").exists()
 
     def test_preset_trains_saves_backs_up_and_continues(self, world, tmp_path):
         _, python, checkout = world
@@ -277,12 +368,67 @@ class TestOneTrainer:
         saved_config = json.loads(sorted((workspace / "config").glob("*.json"))[-1].read_text())
         assert saved_config["adt"]["enabled"] is True and saved_config["adt"]["taps"] == [1, 3]
         tags = scalars(python, workspace / "tensorboard")
-        assert {"loss/D", "D/real", "D/fake", "loss/G", "adt/generator_steps"} <= tags.keys()
+        assert {"loss/D", "D/real", "D/fake", "loss/G", "adt/generator_steps", "cost/forward_equiv", "cost/total_ft_steps"} <= tags.keys()
         assert [v for _, v in tags["adt/generator_steps"]] == [0.0, 1.0, 1.0, 2.0]
 
         rc, log = self.train(world, self.config(world, workspace, continue_last_backup=True, epochs=2))
         assert rc == 0, log[-3000:]
         assert "ADT: discriminator restored from" in log and str(workspace / "backup") in log
+        runs = sorted(p for p in (workspace / "tensorboard").iterdir() if p.is_dir())
+        continued = scalars(python, runs[-1])["adt/generator_steps"]
+        # the second epoch's 4 iterations go on from the backup's 2 generator steps
+        assert [v for _, v in continued] == [2.0, 3.0, 3.0, 4.0], continued
+
+    @pytest.mark.parametrize("adt, values, message", [
+        ({"g_evry": 3}, [], "[adt]: unknown key 'g_evry'; did you mean 'g_every'?"),
+        ({"g_every": "five"}, [], "[adt]: key 'g_every' must be an integer, got 'five'"),
+        ({}, ["adt.g_every=five"], "[adt]: key 'g_every' must be an integer, got 'five'"),
+        ({"g_every": 0}, [], "OneTrainer config [adt]: g_every must be >= 1, got 0"),
+    ], ids=["misspelt-key", "bad-type", "bad-config-value", "out-of-range"])
+    def test_bad_adt_settings_stop_before_the_model_loads(self, world, tmp_path, adt, values, message):
+        _, python, checkout = world
+        config = self.config(world, tmp_path / "ws")
+        data = json.loads(config.read_text())
+        data["adt"].update(adt)
+        config.write_text(json.dumps(data))
+        extra = [arg for value in values for arg in ("--config-value", value)]
+        started = time.monotonic()
+        rc, log = self.train(world, config, *extra)
+        seconds = time.monotonic() - started
+        assert rc != 0 and message in log, log[-3000:]
+        if message.startswith("[adt]"):  # read from a file or an override: named
+            named = f"config {config}" if adt else f"--config-value {values[0]}"
+            assert f"adt-plugin: {named}: {message}" in log, log[-3000:]
+        assert "Traceback" not in log and "Could not set" not in log
+        assert not (tmp_path / "ws" / "cache").exists()  # nothing was loaded or cached
+        print(f"stopped after {seconds:.1f} s: {message}")
+
+    def test_gui_tab_shows_and_edits_the_adt_section(self, world, tmp_path):
+        _, python, checkout = world
+        gui_python = os.environ.get("ADT_ONETRAINER_GUI_PYTHON", python)
+        rc, _ = run([gui_python, "-c", "import PySide6"])
+        if rc != 0:
+            pytest.skip(f"{gui_python} has no PySide6 (OneTrainer's Qt GUI); set ADT_ONETRAINER_GUI_PYTHON")
+        shot = tmp_path / "adt_tab.png"
+        rc, out = run([gui_python, HERE / "onetrainer_gui_check.py", shot], cwd=checkout, QT_QPA_PLATFORM="offscreen")
+        assert rc == 0, out[-3000:]
+        seen = json.loads(next(line for line in out.splitlines() if line.startswith('{"tabs"')))
+        assert seen["start"]["title"] == "ADT: off" and seen["start"]["switch"] is False
+        # the ADT preset turns it on, and the tab shows the preset's values
+        assert seen["adt_preset"]["title"] == "ADT: on" and seen["adt_preset"]["switch"] is True
+        assert seen["adt_preset"]["g_every_text"] == "5" and "rollout ddim x 50" in seen["adt_preset"]["status"]
+        # what is typed is what the config holds (and what a saved config keeps); a bad value stops "Start Training"
+        assert seen["typed_3"]["g_every"] == 3 and "generator update every 3" in seen["typed_3"]["status"]
+        assert seen["errors_at_0"] == ["adt.g_every: g_every must be >= 1, got 0"] and seen["errors_at_4"] == []
+        assert seen["saved_section"]["g_every"] == 4 and seen["saved_section"]["enabled"] is True
+        # a config with a misspelt adt key is not loaded, and the console says why
+        assert seen["bad_config"]["g_every"] == 4 and seen["bad_config"]["learning_rate"] != 0.5
+        assert "training_configs/adt-misspelt.json: [adt]: unknown key 'g_evry'; did you mean 'g_every'?" in out
+        # a stock preset turns it off, visibly (tab title, status, console)
+        assert seen["stock_preset"]["title"] == "ADT: off" and seen["stock_preset"]["enabled"] is False
+        assert "ADT: off (OneTrainer trains with its own loss)" in out
+        assert seen["switched_on"]["enabled"] is True and seen["switched_on"]["title"] == "ADT: on"
+        assert shot.stat().st_size > 10_000
 
     def test_uninstall_leaves_onetrainer_as_it_was(self, world):
         _, python, checkout = world

@@ -138,6 +138,129 @@ def tiny_sd15_full_diffusers(folder: Path) -> Path:
     return folder
 
 
+def tiny_sdxl_full_diffusers(folder: Path) -> Path:
+    """A complete small diffusers SDXL folder: two tokenizers and text encoders (the
+    second with a projection), a UNet with SDXL's text-and-size embedding
+    (`addition_embed_type="text_time"`), an 8x VAE. What OneTrainer's SDXL loader reads."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    tiny_clip_tokenizer(folder / "tokenizer_2")
+    text_encoder = tiny_clip_text_model(vocab, hidden=32, seed=0)
+    text_encoder_2 = tiny_clip_text_model(vocab, hidden=32, projection=True, seed=1)
+    text_encoder.save_pretrained(str(folder / "text_encoder"))
+    text_encoder_2.save_pretrained(str(folder / "text_encoder_2"))
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's
+    vae.save_pretrained(str(folder / "vae"))
+    torch.manual_seed(0)
+    time_dim = 8
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim, use_linear_projection=True,
+    ).save_pretrained(str(folder / "unet"))
+    DDIMScheduler.from_config({**SD_SCHEDULER, "timestep_spacing": "leading"}).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.32.1", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
+def sdxl_diffusers_for_sd_scripts(folder: Path, tokenizer_folder: Path, unet_config: dict) -> Path:
+    """A diffusers SDXL folder sd-scripts' sdxl_train_network.py loads: sd-scripts converts
+    the UNet to its own SDXL UNet, whose sizes are fixed (`unet_config` is sd-scripts'
+    DIFFUSERS_SDXL_UNET_CONFIG: 2.6B random weights, made and saved in bfloat16, ~5 GB),
+    and reads text encoder 1's hidden_states[11] (12 layers of width 768) and text encoder
+    2's penultimate layer and projection (width 1280; 768 + 1280 = the UNet's 2048-wide
+    cross-attention). Tokenizers are read from `tokenizer_folder` (--tokenizer_cache_dir)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    vocab = tiny_clip_tokenizer(tokenizer_folder / "openai_clip-vit-large-patch14")
+    tiny_clip_tokenizer(tokenizer_folder / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")
+    tiny_clip_tokenizer(folder / "tokenizer_2")  # the pipeline loader wants it; sd-scripts uses the cached ones
+    tiny_clip_text_model(vocab, hidden=768, layers=12, seed=0).save_pretrained(str(folder / "text_encoder"))
+    tiny_clip_text_model(vocab, hidden=1280, layers=2, projection=True, seed=1).save_pretrained(str(folder / "text_encoder_2"))
+    tiny_vae().save_pretrained(str(folder / "vae"))
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        unet = UNet2DConditionModel(**unet_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    unet.save_pretrained(str(folder / "unet"))
+    del unet
+    DDIMScheduler.from_config({**SD_SCHEDULER, "timestep_spacing": "leading"}).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.32.1", "force_zeros_for_empty_prompt": True,
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": [None, None],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
+def tiny_t5(folder: Path, d_model: int, seed: int = 0) -> None:
+    """A T5 tokenizer from a hand-written unigram vocab (letters, with and without the
+    word-start mark; transformers >= 5 builds T5Tokenizer from such a list, no
+    sentencepiece model needed) in `folder`/tokenizer_3, and a one-layer T5 encoder in
+    `folder`/text_encoder_3."""
+    import string
+
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.ascii_lowercase] + [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(str(folder / "tokenizer_3"))
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5EncoderModel(config).save_pretrained(str(folder / "text_encoder_3"))
+
+
+def tiny_sd3_full_diffusers(folder: Path) -> Path:
+    """A complete small diffusers SD3 folder (what OneTrainer's SD3 loader reads; its data
+    loader always tokenizes for T5): two CLIP text encoders with projections, a T5
+    encoder (transformers >= 5, see `tiny_t5`), an MMDiT (SD3Transformer2DModel), a
+    16-channel VAE, the flow-matching scheduler with SD3's shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    vocab = tiny_clip_tokenizer(folder / "tokenizer")
+    tiny_clip_tokenizer(folder / "tokenizer_2")
+    tiny_clip_text_model(vocab, hidden=32, projection=True, seed=0).save_pretrained(str(folder / "text_encoder"))
+    tiny_clip_text_model(vocab, hidden=32, projection=True, seed=1).save_pretrained(str(folder / "text_encoder_2"))
+    tiny_t5(folder, d_model=64)
+    vae = tiny_vae(latent_channels=16)
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
+    vae.save_pretrained(str(folder / "vae"))
+    torch.manual_seed(0)
+    SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    ).save_pretrained(str(folder / "transformer"))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.32.1",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }))
+    return folder
+
+
 def tiny_dinov2_folder(folder: Path, image_size: int = 224) -> Path:
     """A 4-block random DINOv2 saved like a downloaded one (config.json + weights)."""
     from transformers import Dinov2Config, Dinov2Model

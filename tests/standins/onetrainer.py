@@ -81,6 +81,17 @@ class TrainingMethod(Enum):
         return self.value
 
 
+class LossWeight(Enum):  # modules/util/enum/LossWeight.py
+    CONSTANT = "CONSTANT"
+    P2 = "P2"
+    MIN_SNR_GAMMA = "MIN_SNR_GAMMA"
+    DEBIASED_ESTIMATION = "DEBIASED_ESTIMATION"
+    SIGMA = "SIGMA"
+
+    def __str__(self):
+        return self.value
+
+
 class ModelFormat(Enum):
     KOHYA_LORA = "KOHYA_LORA"
     INTERNAL = "INTERNAL"
@@ -153,7 +164,19 @@ class TransformerPart(BaseConfig):
 class TrainConfig(BaseConfig):
     @staticmethod
     def default_values() -> "TrainConfig":
-        return TrainConfig([
+        return TrainConfig(train_config_fields())
+
+    def get_last_backup_path(self):
+        backups = os.path.join(self.workspace_dir, "backup")
+        if os.path.exists(backups):
+            found = sorted((p for p in os.listdir(backups) if os.path.isdir(os.path.join(backups, p))), reverse=True)
+            if found:
+                return os.path.join(backups, found[0])
+        return None
+
+
+def train_config_fields() -> list:
+    return [
             ("training_method", TrainingMethod.LORA, TrainingMethod, False),
             ("model_type", ModelType.STABLE_DIFFUSION_15, ModelType, False),
             ("workspace_dir", "workspace/run", str, False),
@@ -163,20 +186,15 @@ class TrainConfig(BaseConfig):
             ("batch_size", 1, int, False),
             ("masked_training", False, bool, False),
             ("rescale_noise_scheduler_to_zero_terminal_snr", False, bool, False),
+            ("mae_strength", 0.0, float, False),
+            ("loss_weight_fn", LossWeight.CONSTANT, LossWeight, False),
+            ("offset_noise_weight", 0.0, float, False),
             ("lora_model_name", "", str, False),
             ("text_encoder_layer_skip", 0, int, False),
             ("text_encoder", PartConfig.default_values(), PartConfig, False),
             ("transformer", TransformerPart.default_values(), TransformerPart, False),
             ("optimizer", OptimizerConfig.default_values(), OptimizerConfig, False),
-        ])
-
-    def get_last_backup_path(self):
-        backups = os.path.join(self.workspace_dir, "backup")
-        if os.path.exists(backups):
-            found = sorted((p for p in os.listdir(backups) if os.path.isdir(os.path.join(backups, p))), reverse=True)
-            if found:
-                return os.path.join(backups, found[0])
-        return None
+    ]
 
 
 # -- the model (modules/model/StableDiffusionModel.py) ----------------------------------

@@ -224,8 +224,8 @@ class NetworkTrainer:
     def train(self, args):
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision)
         weight_dtype = torch.float32
-        self.assert_extra_args(args, None, None)
         tokenize_strategy = self.get_tokenize_strategy(args)
+        self.assert_extra_args(args, None, None)
         _, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, accelerator)
         text_encoders = [text_encoder]
         if args.cache_latents:

@@ -21,6 +21,12 @@ def test_bench_prints_ratios_and_finds_no_graph_on_discriminator_only_iterations
         "1",
         "--g_every",
         "2",
+        "--adt_every",  # every generator step an ADT step, fresh rollouts: the paper's cycle
+        "1",
+        "--rollout_buffer",
+        "0",
+        "--rollout_share",
+        "1",
         "--batch",
         "2",
     ]

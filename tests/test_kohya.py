@@ -245,8 +245,12 @@ def test_check_args_refuses_and_warns(caplog):
 def test_start_line_says_what_the_strategy_does():
     from adt_plugin.bridge import start_line
 
-    adt = start_line(AdtSettings(), "SDXL")
+    adt = start_line(AdtSettings(g_every=5, adt_every=1), "SDXL")
     assert adt.startswith("ADT: strategy adt, SDXL: rollout ddim x 50 steps") and "every 5 iteration(s)" in adt
+    assert "FT steps between" not in adt
+    mix = start_line(AdtSettings(), "SDXL")  # the defaults: the mix, a quarter of the batch, the buffer
+    assert "on 0.25 of the batch" in mix and "(between rollouts on the latest 1)" in mix
+    assert mix.endswith("generator update every 1 iteration(s); an ADT step every 4 generator update(s), plain FT steps between")
     ft = start_line(AdtSettings(strategy="ft"), "SDXL")
     assert ft == "ADT: strategy ft, SDXL: plain diffusion loss at uniform timesteps, a generator update every iteration"
     assert "gamma 0.1" in start_line(AdtSettings(strategy="ip"), "SD3")

@@ -242,10 +242,15 @@ def start_line(settings: Any, model_label: str, family: Any = None) -> str:
         mode = family.guidance.mode if family is not None else "cfg"
         guidance = {"cfg": f"CFG {s.guidance_scale}", "embedded": f"embedded guidance {s.guidance_scale}",
                     "none": "no guidance"}[mode]
+        mix = f"; an ADT step every {s.adt_every} generator update(s), plain FT steps between" if s.adt_every > 1 else ""
+        mix += f"; the first {s.adt_start} generator updates plain FT steps" if s.adt_start else ""
         what = (
-            f"rollout {s.sampler} x {s.num_inference_steps} steps (graph through {s.k_graph_steps}), "
+            f"rollout {s.sampler} x {s.num_inference_steps} steps (graph through {s.k_graph_steps}) on "
+            f"{s.rollout_share:g} of the batch, "
             f"{guidance}, {s.discriminator} discriminator on {s.backbone_path} taps "
-            f"{','.join(map(str, s.taps))}, generator update every {s.g_every} iteration(s)"
+            f"{','.join(map(str, s.taps))}"
+            + (f" (between rollouts on the latest {s.rollout_buffer})" if s.rollout_buffer else "")
+            + f", generator update every {s.g_every} iteration(s){mix}"
         )
     elif s.strategy == "ft":
         what = "plain diffusion loss at uniform timesteps, a generator update every iteration"

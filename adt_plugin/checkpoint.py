@@ -2,7 +2,8 @@
 
 One safetensors file holds everything the ADT strategy owns: the heads, twins and
 predictors (`disc.*`), the discriminator optimizer's state (`optim.*`), the
-strategy's random-generator state (`rng`); the header's metadata holds the rest
+strategy's random-generator state (`rng`), the buffered rollouts (`buffer.*`, with
+`rollout_buffer`); the header's metadata holds the rest
 as JSON (format, discriminator config, backbone identity and feature widths,
 step, compute spent so far, optimizer param groups, warm-up scheduler). The
 strategy is reached only through its contract (`strategies/base.py`):
@@ -72,6 +73,12 @@ def save_discriminator(path: str | os.PathLike, strategy, extra_metadata: Option
         for key, value in param_state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     tensors["rng"] = state["rng"]
+    buffer = state.get("buffer", [])
+    for i, entry in enumerate(buffer):  # recent rollouts (rollout_buffer): resume draws from the same ones
+        tensors[f"buffer.{i}.real"] = entry["real"].detach().cpu().contiguous()
+        tensors[f"buffer.{i}.fake"] = entry["fake"].detach().cpu().contiguous()
+        if entry["ref"] is not None:
+            tensors[f"buffer.{i}.ref"] = entry["ref"].cpu().contiguous()
     metadata = {
         "format": FORMAT,
         "fingerprint": json.dumps(fingerprint),
@@ -82,6 +89,7 @@ def save_discriminator(path: str | os.PathLike, strategy, extra_metadata: Option
         "skipped_d_steps": str(state["skipped_d_steps"]),
         "optim_param_groups": json.dumps(optim["param_groups"]),
         "d_scheduler": json.dumps(state["d_scheduler"]),
+        "buffer_diff": json.dumps([entry["diff"] for entry in buffer]),
     }
     for key, value in (extra_metadata or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
@@ -128,6 +136,11 @@ def load_discriminator(path: str | os.PathLike, strategy) -> dict[str, str]:
         "d_scheduler": json.loads(metadata["d_scheduler"]),
         "skipped_d_steps": int(metadata.get("skipped_d_steps", 0)),
         "cost": json.loads(metadata.get("cost", "{}")),  # files written before costs were counted: 0
+        "buffer": [  # files written before the buffer existed: none
+            {"real": tensors[f"buffer.{i}.real"], "fake": tensors[f"buffer.{i}.fake"],
+             "ref": tensors.get(f"buffer.{i}.ref"), "diff": diff}
+            for i, diff in enumerate(json.loads(metadata.get("buffer_diff", "[]")))
+        ],
     }
     strategy.load_state_dict(state)
     return metadata

@@ -17,7 +17,8 @@ Gradient modes (paper Sec. 3.2):
 
 Only the first step (whose prediction also feeds the diffusion loss) and K further
 steps drawn among the rest call the denoiser with a graph; every other step runs
-under no_grad, so a generator iteration holds activations for at most K + 1 calls.
+under torch.inference_mode (its output copied out), so a generator iteration holds
+activations for at most K + 1 calls.
 
 Guidance is the model family's (`families`): "cfg" batches the conditional and
 unconditional passes, eps = eps_u + w (eps_c - eps_u); "embedded" (FLUX.1-dev)
@@ -197,9 +198,19 @@ class Rollout:
         for pos, t in enumerate(timesteps):
             with_graph = mode != "off" and pos in plan.graph_positions
             x_in = x.detach()  # sg(x): the denoiser never sees the path's graph
-            with torch.set_grad_enabled(with_graph):
+            if with_graph:
                 model_input = _scale_model_input(scheduler, x_in, t)
-                out, out_cond = self._denoise(model, model_input, t, cond, uncond, scale, with_graph)
+                out, out_cond = self._denoise(model, model_input, t, cond, uncond, scale, True)
+            else:
+                with torch.inference_mode():  # no graph, and no autograd bookkeeping at all
+                    model_input = _scale_model_input(scheduler, x_in, t)
+                    out, out_cond = self._denoise(model, model_input, t, cond, uncond, scale, False)
+                # Inference tensors may not enter autograd later (the straight-through sum, a
+                # multistep sampler's history used at a graph step): a copy outside inference
+                # mode is an ordinary tensor, for the price of copying one output.
+                unguided = out_cond is out
+                out = out.clone()
+                out_cond = out if unguided else out_cond.clone()
             graph_calls += int(with_graph)
             if pos == 0:
                 first_prediction = out_cond

@@ -5,7 +5,10 @@ OneTrainer's `adt` config section all map onto these fields, so a setting has on
 name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50), except
 how the two generator terms are balanced and which real image a rollout is scored
 against (adv_balance, adv_ratio, reference: what the digits study found; the paper's
-formulation is adv_balance="none", reference="self").
+formulation is adv_balance="none", reference="self"), and what a run spends its
+compute on (g_every, k_graph_steps, adt_every, rollout_buffer, rollout_share, adv_ratio:
+what the compute study found, docs/demo.md "What ADT costs"; the paper: g_every=5,
+k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ class AdtSettings:
     num_inference_steps: int = 50
     guidance_scale: float = 7.0
     grad_mode: str = "adt"  # adt (Eq. 11) | drtune (Eq. 4, ablation)
-    k_graph_steps: int = 3
+    k_graph_steps: int = 0
     gradient_checkpointing: bool = False
     # generator side
-    g_every: int = 5  # H: the generator loss is returned every H-th iteration
+    g_every: int = 1  # H: the generator loss is returned every H-th iteration
     lambda_diff: float = 0.5
     g_warmup_steps: int = 500
     # Decode for the discriminator with a tiny autoencoder (a local AutoencoderTiny
@@ -51,7 +54,7 @@ class AdtSettings:
     # (See docs/demo.md, "What the digits study found": taken literally, the adversarial gradient is
     # ~10x the diffusion gradient and wrecks the samples.)
     adv_balance: str = "grad"
-    adv_ratio: float = 0.3
+    adv_ratio: float = 1.0
     adv_warmup_steps: int = 0  # linear ramp of the adversarial term's weight from 0
     # where the generator's diffusion term is taken: uniform = at a training timestep drawn
     # as FT draws it, from its own noise (one more denoiser forward + backward per generator
@@ -63,6 +66,23 @@ class AdtSettings:
     # same_cond = another image of the batch with the same conditioning (else itself),
     # self = the very image that was noised (the paper), any = any other image
     reference: str = "same_cond"
+    # what an ADT run spends its compute on (docs/demo.md, "What ADT costs"; every call's cost is
+    # logged as cost/...): adt_every = every n-th generator step is an ADT step (rollout,
+    # discriminator, adversarial term); the others are plain FT steps (the diffusion loss at a
+    # uniform timestep: 1 forward + 1 backward, no rollout). adt_start = generator steps before
+    # this one are all FT steps (an FT phase, then ADT).
+    adt_every: int = 4
+    adt_start: int = 0
+    # rollout_buffer = n > 0: the latest n rollouts (their decoded samples with the real images
+    # they are scored against) are kept, and a discriminator step between rollouts takes one of
+    # them (drawn at random) instead of a fresh rollout: a discriminator-only call (g_every > 1)
+    # then makes no denoiser call at all, and an FT step of the mix (adt_every > 1) takes a
+    # discriminator step as well. 0 = every discriminator step has a fresh rollout of its own
+    # (the paper), FT steps take none. Saved with the strategy's state (resume is exact).
+    rollout_buffer: int = 1
+    # the share of the batch that rolls out (and that the discriminator sees), ceil(share x B) >= 1
+    # rows; the diffusion term (diff_timestep = uniform) still uses the whole batch
+    rollout_share: float = 0.25
     # discriminator
     discriminator: str = "siamese"  # siamese | projected (StyleGAN-T ablation)
     backbone_path: str = DEFAULT_DINOV2
@@ -87,10 +107,10 @@ class AdtSettings:
         # (built below); the rest here, each once.
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("g_every", "at_steps"):
+        for name in ("g_every", "at_steps", "adt_every"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("g_warmup_steps", "d_warmup_steps", "adv_warmup_steps"):
+        for name in ("g_warmup_steps", "d_warmup_steps", "adv_warmup_steps", "adt_start", "rollout_buffer"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_diff < 0 or self.d_lr <= 0:
@@ -98,6 +118,8 @@ class AdtSettings:
         for name, allowed in (("adv_balance", ADV_BALANCES), ("diff_timestep", DIFF_TIMESTEPS), ("reference", REFERENCES)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be {_one_of(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.rollout_share <= 1.0:
+            raise SettingsError(f"rollout_share must be in (0, 1], got {self.rollout_share}")
         for name in ("adv_ratio", "ip_gamma", "at_epsilon", "at_step_size"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -22,7 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adt_plugin"
 
 
 def adt_settings(**kw):
-    base = dict(num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
+    # the paper's compute settings (the modes under test are set by each test)
+    base = dict(g_every=5, k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1.0, adv_ratio=0.3, num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
                 d_warmup_steps=0, g_warmup_steps=0, seed=0)
     base.update(kw)
     return AdtSettings(**base)

@@ -137,15 +137,41 @@ def test_cache_reuses_and_invalidates_on_a_settings_change(tmp_path):
 
 
 def test_summary_statistics_and_paired_differences():
-    def rec(name, seed, fd):
-        return {"strategy": name, "seed": seed, "diff_loss": fd / 10,
+    def rec(arm, seed, fd, spent=3.0):
+        return {"strategy": arm.split("@")[0], "arm": arm, "seed": seed, "diff_loss": fd / 10, "train_seconds": 1.0,
+                "iterations": 2, "cost": {"forward_equiv": spent, "ft_steps": spent / 3},
                 "metrics": {"k": {"fd_pixel": fd, "fd_feature": 2 * fd, "accuracy": 0.5}}}
 
-    records = [rec("ft", 0, 3.0), rec("ft", 1, 5.0), rec("adt", 0, 2.0), rec("adt", 1, 6.0)]
-    s = summarize(records, ["k"], ["ft", "adt"])
+    records = [rec("ft", 0, 3.0), rec("ft", 1, 5.0), rec("adt", 0, 2.0, 9.0), rec("adt", 1, 6.0, 9.0),
+               rec("ft@C", 0, 1.0, 9.0), rec("ft@C", 1, 7.0, 9.0)]
+    s = summarize(records, ["k"], ["ft", "adt", "ft@C", "ip"])  # ip: not run, left out
     ft = s["settings"]["k"]["ft"]["fd_pixel"]
     assert ft["mean"] == 4.0 and ft["std"] == pytest.approx(2**0.5) and ft["values"] == [3.0, 5.0]
-    paired = s["paired"]["k"]["fd_pixel"]
+    assert list(s["paired"]) == ["adt-ft@C", "adt-ft"] and "ip" not in s["settings"]["k"]
+    paired = s["paired"]["adt-ft"]["k"]["fd_pixel"]
     assert paired["per_seed"] == {"0": -1.0, "1": 1.0} and paired["adt_better_seeds"] == 1
-    assert s["paired"]["heldout"]["diff_loss"]["per_seed"]["0"] == pytest.approx(-0.1)
+    assert s["paired"]["adt-ft@C"]["k"]["fd_pixel"]["per_seed"] == {"0": 1.0, "1": -1.0}
+    assert s["paired"]["adt-ft"]["heldout"]["diff_loss"]["per_seed"]["0"] == pytest.approx(-0.1)
+    assert s["cost"]["ft@C"]["forward_equiv"]["mean"] == 9.0 and s["cost"]["ft"]["ft_steps"]["mean"] == 1.0
     json.dumps(s)  # serialisable as is
+
+
+def test_the_learning_rate_follows_the_share_of_the_budget_spent():
+    from adt_plugin.demo.experiment import DemoConfig, lr_factor
+
+    cfg = DemoConfig()
+    assert lr_factor(cfg, 0.0) == 1.0 and lr_factor(cfg, 0.5) == pytest.approx(0.5) and lr_factor(cfg, 1.2) == 0.0
+
+
+def test_epsilon_scaling_divides_the_guided_prediction():
+    from adt_plugin.adapter import guided_denoise
+    from adt_plugin.demo.experiment import EpsScaled
+    from adt_plugin.demo.models import DigitsAdapter, build_unet
+
+    torch.manual_seed(0)
+    model = DigitsAdapter(build_unet((8, 16)))
+    x, t, cond = torch.randn(3, 1, 8, 8), torch.full((3,), 500), {"labels": torch.tensor([1, 2, 10])}
+    with torch.no_grad():
+        plain, _ = guided_denoise(model, x, t, cond, model.uncond(cond), 2.0)
+        scaled, _ = guided_denoise(EpsScaled(model, 1.02), x, t, cond, model.uncond(cond), 2.0)
+    torch.testing.assert_close(scaled, plain / 1.02)

@@ -66,7 +66,7 @@ def batches(n, seed=7):
 
 def adt_args(dinov2, tmp_path, **kw):
     adt = dict(adt_backbone_path=str(dinov2), adt_taps=[1, 3], adt_head_channels=8, adt_num_inference_steps=3,
-               adt_g_every=2, adt_k_graph_steps=1, adt_guidance_scale=2.0, adt_d_lr=1e-3, adt_g_warmup_steps=0,
+               adt_g_every=2, adt_adt_every=1, adt_k_graph_steps=1, adt_guidance_scale=2.0, adt_d_lr=1e-3, adt_g_warmup_steps=0,
                adt_d_warmup_steps=0)
     adt.update({k: v for k, v in kw.items() if k.startswith("adt_")})
     rest = {k: v for k, v in kw.items() if not k.startswith("adt_")}
@@ -247,8 +247,12 @@ def test_check_args_refuses_and_warns(caplog):
 def test_start_line_says_what_the_strategy_does():
     from adt_plugin.bridge import start_line
 
-    adt = start_line(AdtSettings(), "SDXL")
+    adt = start_line(AdtSettings(g_every=5, adt_every=1), "SDXL")
     assert adt.startswith("ADT: strategy adt, SDXL: rollout ddim x 50 steps") and "every 5 iteration(s)" in adt
+    assert "FT steps between" not in adt
+    mix = start_line(AdtSettings(), "SDXL")  # the defaults: the mix, a quarter of the batch, the buffer
+    assert "on 0.25 of the batch" in mix and "(between rollouts on the latest 1)" in mix
+    assert mix.endswith("generator update every 1 iteration(s); an ADT step every 4 generator update(s), plain FT steps between")
     ft = start_line(AdtSettings(strategy="ft"), "SDXL")
     assert ft == "ADT: strategy ft, SDXL: plain diffusion loss at uniform timesteps, a generator update every iteration"
     assert "gamma 0.1" in start_line(AdtSettings(strategy="ip"), "SD3")

@@ -44,7 +44,7 @@ def config_class():
 
 def config(tmp_path=None, **adt):
     cfg = config_class().default_values()
-    values = dict(enabled=True, taps=[1, 3], head_channels=8, num_inference_steps=3, g_every=2, k_graph_steps=1,
+    values = dict(enabled=True, taps=[1, 3], head_channels=8, num_inference_steps=3, g_every=2, adt_every=1, k_graph_steps=1,
                   guidance_scale=2.0, d_lr=1e-3, g_warmup_steps=0, d_warmup_steps=0)
     values.update(adt)
     cfg.adt.from_dict(values)

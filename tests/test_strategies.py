@@ -10,7 +10,8 @@ from adt_plugin.strategies.adt import AdtStrategy
 
 
 def settings(**kw):
-    base = dict(num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
+    # the paper's compute settings (the modes under test are set by each test)
+    base = dict(g_every=5, k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1.0, adv_ratio=0.3, num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
                 d_warmup_steps=4, g_warmup_steps=2, seed=0)
     base.update(kw)
     return AdtSettings(**base)
@@ -231,9 +232,12 @@ def test_grad_balance_and_adversarial_warmup_in_the_strategy():
 
 def test_defaults_balance_the_gradients_and_the_paper_mode_is_a_setting():
     s = AdtSettings()
-    assert (s.adv_balance, s.adv_ratio, s.reference, s.adv_warmup_steps, s.diff_timestep) == ("grad", 0.3, "same_cond", 0, "uniform")
-    paper = AdtSettings(adv_balance="none", reference="self", diff_timestep="start")
-    assert (paper.lambda_diff, paper.g_every, paper.d_lr, paper.tau, paper.k_graph_steps) == (0.5, 5, 5e-6, 0.99, 3)
+    assert (s.adv_balance, s.adv_ratio, s.reference, s.adv_warmup_steps, s.diff_timestep) == ("grad", 1.0, "same_cond", 0, "uniform")
+    # the compute study's (docs/demo.md, "What ADT costs")
+    assert (s.g_every, s.k_graph_steps, s.adt_every, s.rollout_buffer, s.rollout_share) == (1, 0, 4, 1, 0.25)
+    paper = AdtSettings(adv_balance="none", reference="self", diff_timestep="start", g_every=5, k_graph_steps=3,
+                        adt_every=1, rollout_buffer=0, rollout_share=1.0)
+    assert (paper.lambda_diff, paper.d_lr, paper.tau) == (0.5, 5e-6, 0.99)
     with pytest.raises(SettingsError, match="adv_balance must be"):
         AdtSettings(adv_balance="auto")
     with pytest.raises(SettingsError, match="reference must be one of"):

@@ -63,6 +63,7 @@ backbone_path = "{assets["dinov2"]}"
 taps = [1, 3]
 head_channels = 8
 g_every = 2
+adt_every = 1  # every generator step an ADT step: these tests watch ADT's own iterations
 d_lr = 1e-3
 d_warmup_steps = 2
 g_warmup_steps = 2

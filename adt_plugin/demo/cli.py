@@ -15,11 +15,15 @@ HELP = "fine-tune a small digits diffusion model with base / ft / adt / ip / at 
 EPILOG = """\
 examples:
   adt demo --quick                      a small budget (under 2 minutes on 2 CPU cores)
+  adt demo --equal-compute ft           only FT gets ADT's compute besides its iterations
   adt demo --seeds 0 1 2 3 4 --out runs/demo
   adt demo --set adv_balance=none --set reference=self --set lambda_diff=0.5
                                         the paper's formulation taken literally
-Outputs in --out: results.json (every metric per strategy and seed), table.md,
-samples.png (rows = digits, columns = strategies), curves.png (metrics over iterations).
+Every strategy runs for the same iterations; FT, IP and AT also run with ADT's compute
+(`@C`: per seed, until their denoiser forward-equivalents reach ADT's), and FT is also
+sampled with epsilon scaling (`+eps`). The report leads with ADT against FT at equal compute.
+Outputs in --out: results.json (every metric, and the compute, per run), table.md,
+samples.png (rows = digits, columns = runs), curves.png (metrics against compute).
 Base models are cached (--cache-dir, default $ADT_CACHE_DIR or ~/.cache/adt-plugin) and
 retrained whenever a setting that shapes them changes."""
 
@@ -32,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="adt-demo", help="output folder (default ./adt-demo)")
     parser.add_argument("--strategies", nargs="+", default=None, help="subset of base ft adt ip at")
     parser.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per strategy and seed")
+    parser.add_argument(
+        "--equal-compute",
+        nargs="+",
+        default=None,
+        metavar="STRATEGY",
+        help="strategies that also run with ADT's compute (default: ft ip at; 'none': no such runs)",
+    )
     parser.add_argument(
         "--train-setting",
         default=None,
@@ -92,6 +103,12 @@ def build_config(args: argparse.Namespace):
         changes["strategies"] = tuple(args.strategies)
     if args.iters is not None:
         changes["iters"] = args.iters
+    if args.equal_compute is not None:
+        names = () if args.equal_compute == ["none"] else tuple(args.equal_compute)
+        unknown = [s for s in names if s not in ("ft", "ip", "at")]
+        if unknown:
+            raise SystemExit(f"--equal-compute: unknown strategies {unknown}; choose from ft ip at, or none")
+        changes["equal_compute"] = names
     if args.train_setting:
         try:
             sampler, steps, guidance = args.train_setting.split(",")
@@ -136,7 +153,7 @@ def execute(
     from tqdm.auto import tqdm
 
     from .data import make_splits
-    from .experiment import run_demo, total_iterations
+    from .experiment import run_demo, total_runs
     from .pretrain import ModelCache, pretrain
     from .report import write_outputs
 
@@ -148,7 +165,8 @@ def execute(
         f"adt demo{' --quick' if quick else ''}: digits, base split {len(splits.base_y)}, "
         f"{splits.shift} target train {len(splits.train_y)} / held-out test {len(splits.test_y)}; "
         f"strategies {' '.join(cfg.strategies)}; seeds {' '.join(map(str, cfg.seeds))}; "
-        f"{cfg.iters} iterations each, trained for {cfg.train_setting.label}; cache {model_cache.root}"
+        f"{cfg.iters} iterations each" + (f", and {' '.join(cfg.compute_arms)} with ADT's compute" if cfg.compute_arms else "")
+        + f"; trained for {cfg.train_setting.label}; cache {model_cache.root}"
     )
     t0 = time.perf_counter()
     pre = pretrain(splits, cfg.pretrain, model_cache, progress=progress)
@@ -156,7 +174,7 @@ def execute(
     reused = [k for k, hit in pre.cached.items() if hit]
     print(f"base model and helper networks ready in {pretrain_seconds:.0f}s" + (f" (cached: {', '.join(reused)})" if reused else ""))
 
-    with tqdm(total=total_iterations(cfg), disable=not progress, dynamic_ncols=True, unit="it") as bar:
+    with tqdm(total=total_runs(cfg), disable=not progress, dynamic_ncols=True, unit="run") as bar:
         records, samples = run_demo(cfg, splits, pre, bar, workers=workers)
     wall = time.perf_counter() - start
     meta = {

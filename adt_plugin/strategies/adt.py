@@ -29,10 +29,24 @@ Options beyond the paper (the paper's formulation is `adv_balance="none"`,
 - `adv_warmup_steps`: the adversarial term's weight ramps linearly from 0 while the
   diffusion term is at full weight, so early generator steps do not follow a
   discriminator that has not learnt anything yet.
+
+What a run spends (every call's cost is counted, see `base.Cost`):
+
+- `adt_every`, `adt_start`: only every n-th generator step (after the first
+  `adt_start`) is an ADT step; the others are plain FT steps (FT's loss and draws,
+  1 forward + 1 backward), so the adversarial term rides on a share of the steps;
+- `rollout_buffer`: the latest n rollouts are kept, and a discriminator step with
+  no fresh rollout of its own (a discriminator-only call, or an FT step of the mix)
+  takes one of them: H discriminator steps per generator step cost one rollout,
+  and a discriminator-only call makes no denoiser call;
+- `rollout_share`: only the first share of the batch rolls out (the diffusion term
+  still sees the whole batch).
+The no-graph steps of a rollout run under `torch.inference_mode` (see rollout.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
@@ -162,6 +176,8 @@ class AdtStrategy(LossStrategy):
         self._g_warmup = linear_warmup(settings.g_warmup_steps)
         self._adv_warmup = linear_warmup(settings.adv_warmup_steps)
         self.skipped_d_steps = 0
+        #: recent rollouts for discriminator steps without a fresh one (`rollout_buffer`), oldest first
+        self.buffer: list[dict[str, Any]] = []
         # all processes start from rank 0's discriminator (heads, twins, batch-norm stats)
         broadcast_from_rank0(self.disc.state_for_checkpoint().values())
 
@@ -200,25 +216,75 @@ class AdtStrategy(LossStrategy):
     def generator_lr_factor(self, step: Optional[int] = None) -> float:
         return self._g_warmup((self.step if step is None else step) // self.micro_batches)
 
+    def call_kind(self, step: Optional[int] = None) -> str:
+        """What call `step` (default: the next) does, decided per window of `micro_batches` calls:
+
+        "d_only": a discriminator step, no generator loss (g_every - 1 windows of every g_every);
+        "ft": a generator window that is a plain FT step (before `adt_start` generator steps,
+              and all but every `adt_every`-th after), plus a discriminator step on a buffered
+              rollout when `rollout_buffer` > 0;
+        "adt": a rollout with a graph, a discriminator step and the generator loss of Eq. 8."""
+        s = self.settings
+        window = (self.step if step is None else step) // self.micro_batches
+        if (window + 1) % s.g_every:
+            return "d_only"
+        g = (window + 1) // s.g_every - 1  # generator steps before this one
+        if g < s.adt_start or (g - s.adt_start + 1) % s.adt_every:
+            return "ft"
+        return "adt"
+
     def is_generator_step(self, step: Optional[int] = None) -> bool:
         """Every g_every-th optimizer step (window of `micro_batches` calls) updates the generator."""
-        step = self.step if step is None else step
-        return (step // self.micro_batches + 1) % self.settings.g_every == 0
+        return self.call_kind(step) != "d_only"
 
     def next_call_updates_generator(self) -> bool:
         return self.is_generator_step()
 
     def run(self, model: CountingAdapter, batch: TrainBatch) -> StrategyOutput:
-        g_step = self.is_generator_step()
-        x0 = batch.x0
+        kind = self.call_kind()
+        if kind == "ft":
+            return self._ft_call(model, batch)
+        if kind == "d_only" and self.buffer:
+            # a discriminator step on a recent rollout: no denoiser call, no decode
+            logs, diff = self._buffered_discriminator_step(model)
+            logs.update({"loss/diff": diff, "adt/rollout_steps": 0.0, "adt/adversarial": 0.0})
+            logs["lr/G_factor"] = self.generator_lr_factor()
+            average_batch_norm_stats(self.disc)
+            return StrategyOutput(batch.x0.new_tensor(diff), False, logs)
+        return self._rollout_call(model, batch, g_step=kind == "adt")
+
+    def _ft_call(self, model: CountingAdapter, batch: TrainBatch) -> StrategyOutput:
+        """A plain FT step (FT's loss and draws), and a discriminator step on a buffered
+        rollout if there is a buffer: the discriminator keeps learning between rollouts."""
+        model.recomputes_graph = False  # not checkpointed: it costs what an FT step costs
+        loss, _ = self._uniform_diffusion_loss(model, batch, checkpointed=False)
+        logs = {"loss/diff": float(loss.detach()), "adt/rollout_steps": 0.0, "adt/adversarial": 0.0}
+        if self.buffer:
+            d_logs, _ = self._buffered_discriminator_step(model)
+            logs.update(d_logs)
+            average_batch_norm_stats(self.disc)
+        logs["lr/G_factor"] = self.generator_lr_factor()
+        return StrategyOutput(loss, True, logs)
+
+    def _rollout_rows(self, batch: TrainBatch) -> TrainBatch:
+        """The first ceil(rollout_share x B) rows (a loop's batches are shuffled already)."""
+        b = batch.x0.shape[0]
+        n = max(1, math.ceil(self.settings.rollout_share * b - 1e-9))
+        if n >= b:
+            return batch
+        return TrainBatch(batch.x0[:n], {k: (v[:n] if v is not None else None) for k, v in batch.cond.items()})
+
+    def _rollout_call(self, model: CountingAdapter, batch: TrainBatch, g_step: bool) -> StrategyOutput:
+        rows = self._rollout_rows(batch)
+        x0 = rows.x0
         plan = self.rollout.plan(self.generator)
         noise = self.randn_like(x0)
         x_start = self.rollout.start(x0, noise, plan)
-        result = self.rollout.run(model, x_start, batch.cond, plan, grad_mode=None if g_step else "off")
+        result = self.rollout.run(model, x_start, rows.cond, plan, grad_mode=None if g_step else "off")
         l_diff = diffusion_loss(result.first_prediction, self.rollout.target(x0, noise, plan))
         l_diff_g, diff_output = l_diff, None  # diff_output: the term's own prediction when it has one
         if g_step and self.settings.diff_timestep == "uniform":
-            l_diff_g, diff_output = self._uniform_diffusion_loss(model, batch)
+            l_diff_g, diff_output = self._uniform_diffusion_loss(model, batch)  # the whole batch
 
         def decode(latents: torch.Tensor) -> torch.Tensor:
             return model.decode(latents) if self.decoder is None else model.counted_decode(self.decoder, latents)
@@ -229,18 +295,17 @@ class AdtStrategy(LossStrategy):
             fake = decode(result.sample)
 
         disc = self.disc
-        with torch.no_grad():
-            real_online = disc.features(real, self.generator)
-            real_target = None
-            if disc.needs_reference:
-                ref = reference_indices(batch.cond, self.settings.reference, self.generator)
-                real_target = disc.features(real if self.settings.reference == "self" else real[ref.to(real.device)], self.generator)
-        with torch.set_grad_enabled(g_step):
-            fake_features = disc.features(fake, self.generator)
-        model.count_discriminator(x0.shape[0] * (3 if real_target is not None else 2))
+        real_online, real_target, fake_features, ref = self._features(model, real, fake, rows.cond, None, g_step)
+        if self.settings.rollout_buffer:
+            self.buffer.append(
+                {"real": real.detach(), "fake": fake.detach(), "ref": ref, "diff": float(l_diff.detach())}
+            )
+            del self.buffer[: -self.settings.rollout_buffer]
 
         logs = self._discriminator_step(real_online, real_target, fake_features)
-        logs.update({"loss/diff": float(l_diff.detach()), "adt/rollout_steps": float(plan.num_steps)})
+        logs.update(
+            {"loss/diff": float(l_diff.detach()), "adt/rollout_steps": float(plan.num_steps), "adt/adversarial": float(g_step)}
+        )
 
         if g_step:
             reference = disc.reference(real_target) if disc.needs_reference else None  # twins after their update
@@ -272,7 +337,42 @@ class AdtStrategy(LossStrategy):
         average_batch_norm_stats(disc)
         return StrategyOutput(loss, g_step, logs)
 
-    def _uniform_diffusion_loss(self, model: CountingAdapter, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, model: CountingAdapter, real, fake, cond, ref, fake_grad: bool):
+        """The discriminator's backbone features of the real images, their references and the
+        samples: (real_online, real_target, fake_features, reference indices or None).
+        `ref`: the references' indices (a buffered rollout's), else drawn from `cond`."""
+        disc = self.disc
+        with torch.no_grad():
+            real_online = disc.features(real, self.generator)
+            real_target = None
+            if disc.needs_reference:
+                if ref is None:
+                    ref = reference_indices(cond, self.settings.reference, self.generator)
+                if self.settings.reference == "self" and not disc.policy:
+                    real_target = real_online  # no augmentation: the same features, not computed twice
+                else:
+                    real_target = disc.features(real if self.settings.reference == "self" else real[ref.to(real.device)], self.generator)
+        with torch.set_grad_enabled(fake_grad):
+            fake_features = disc.features(fake, self.generator)
+        passes = 2 + (real_target is not None and real_target is not real_online)
+        model.count_discriminator(real.shape[0] * passes)
+        return real_online, real_target, fake_features, ref
+
+    def _buffered_discriminator_step(self, model: CountingAdapter) -> tuple[dict[str, float], float]:
+        """A discriminator step on one of the buffered rollouts (drawn at random; fresh
+        augmentations): (logs, that rollout's diffusion loss)."""
+        index = int(torch.randint(len(self.buffer), (1,), generator=self.generator))
+        entry = self.buffer[index]
+        real_online, real_target, fake_features, _ = self._features(
+            model, entry["real"], entry["fake"], None, entry["ref"], False
+        )
+        logs = self._discriminator_step(real_online, real_target, fake_features)
+        logs["adt/buffer_age"] = float(len(self.buffer) - 1 - index)
+        return logs, entry["diff"]
+
+    def _uniform_diffusion_loss(
+        self, model: CountingAdapter, batch: TrainBatch, checkpointed: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain diffusion loss at a training timestep drawn uniformly (FT's), from
         its own noise: (loss, prediction). One more denoiser forward and backward per
         generator step; with a few-step sampler the rollout's start steps are only a
@@ -281,7 +381,7 @@ class AdtStrategy(LossStrategy):
         t = self.schedule.sample_timesteps(x0.shape[0], self.generator, latent_size=tuple(x0.shape[-2:])).to(x0.device)
         noise = self.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
-        if self.settings.gradient_checkpointing:  # like the rollout's graph steps: recomputed in backward
+        if checkpointed and self.settings.gradient_checkpointing:  # like the rollout's graph steps: recomputed in backward
             prediction = checkpoint(lambda inp: model.denoise(inp, t, batch.cond), x_t, use_reentrant=False)
         else:
             prediction = model.denoise(x_t, t, batch.cond)
@@ -323,6 +423,7 @@ class AdtStrategy(LossStrategy):
             d_optimizer=self.d_optimizer.state_dict(),
             d_scheduler=self.d_scheduler.state_dict(),
             skipped_d_steps=self.skipped_d_steps,
+            buffer=[dict(entry) for entry in self.buffer],
         )
         return state
 
@@ -335,4 +436,14 @@ class AdtStrategy(LossStrategy):
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         self.d_scheduler.load_state_dict(state["d_scheduler"])
         self.skipped_d_steps = int(state.get("skipped_d_steps", 0))
+        device = self.disc.trainable_parameters()[0].device
+        self.buffer = [  # states saved before the buffer existed: empty
+            {
+                "real": entry["real"].to(device),
+                "fake": entry["fake"].to(device),
+                "ref": None if entry.get("ref") is None else entry["ref"].cpu(),
+                "diff": float(entry["diff"]),
+            }
+            for entry in state.get("buffer", [])
+        ]
 

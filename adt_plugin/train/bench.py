@@ -25,6 +25,11 @@ presets'). Printed:
                      (a proxy: the CPU allocator keeps no counters)
   D-only graph       tensors saved for backward inside the denoiser and decoder on
                      discriminator-only iterations (must be 0)
+  generator update   the compute of a cycle (counted by the strategy, `Cost`: denoiser
+                     forward-equivalents, an FT step = 3) per generator update, in FT
+                     steps, and its time in FT steps; the same per ADT update (the
+                     update with the adversarial term, carrying the discriminator-only
+                     calls and the FT steps of its cycle)
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ import torch
 
 from ..families import FamilyAdapter
 from ..selfcheck import DDPM_EPS
+from ..settings import AdtSettings
+
+DEFAULTS = AdtSettings()  # the core's defaults, which the bench measures unless told otherwise
 
 HELP = "measure FT vs ADT iteration cost and memory on random weights (tiny on CPU, SD1.5 / SDXL on a GPU)"
 
@@ -288,7 +296,7 @@ def build(
     return adapter, backbone, optimizer, params, x0, cond
 
 
-def strategies(args, model: BenchModel, backbone, device, g_every: Optional[int] = None):
+def strategies(args, model: BenchModel, backbone, device, g_every: Optional[int] = None, adt_every: Optional[int] = None):
     from ..settings import AdtSettings
     from ..strategies import build_strategy
 
@@ -299,6 +307,9 @@ def strategies(args, model: BenchModel, backbone, device, g_every: Optional[int]
         guidance_scale=args.guidance,
         k_graph_steps=args.k,
         g_every=g_every or args.g_every,
+        adt_every=adt_every or args.adt_every,
+        rollout_buffer=args.rollout_buffer,
+        rollout_share=args.rollout_share,
         gradient_checkpointing=not args.no_checkpointing,
         taps=taps,
         g_warmup_steps=0,
@@ -334,7 +345,7 @@ def warm_optimizer(optimizer, params) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def setup(args, model: BenchModel, device, g_every: Optional[int] = None):
+def setup(args, model: BenchModel, device, g_every: Optional[int] = None, adt_every: Optional[int] = None):
     """The measured pieces, built the same way for every phase: (adapter, optimizer
     with its state created, x0, cond, ft strategy, adt strategy); `g_every`
     overrides ADT's H."""
@@ -343,7 +354,7 @@ def setup(args, model: BenchModel, device, g_every: Optional[int] = None):
         model, device, args.batch, args.method, autocast_dtype, args.seed, not args.no_checkpointing,
         args.decoder == "tiny",
     )
-    ft, adt = strategies(args, model, backbone, device, g_every)
+    ft, adt = strategies(args, model, backbone, device, g_every, adt_every)
     warm_optimizer(optimizer, params)
     return adapter, optimizer, x0, cond, ft, adt
 
@@ -382,21 +393,29 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
             guided_denoise(adapter, x0, t, guided_cond, uncond, scale)
     nograd = (clock(device) - t0) / args.ft_steps
 
-    # ADT: whole H-cycles
-    for _ in range(args.g_every):  # warm-up cycle
+    # ADT: whole cycles (H windows per generator step, adt_every generator steps per ADT step)
+    calls = args.g_every * args.adt_every
+    for _ in range(calls):  # warm-up cycle (fills the rollout buffer too)
         generator_update(adt, adapter, batch, optimizer)
-    adapter.saved.count, steps = 0, 0.0
+    adapter.saved.count, steps, updates, adversarial, d_only = 0, 0.0, 0, 0, 0
+    spent = adt.cost_total
     t0 = clock(device)
-    for _ in range(args.cycles * args.g_every):
+    for _ in range(args.cycles * calls):
         adapter.saved.active = not adt.next_call_updates_generator()  # count on discriminator-only iterations
-        steps += generator_update(adt, adapter, batch, optimizer).logs["adt/rollout_steps"]
+        d_only += int(adapter.saved.active)
+        out = generator_update(adt, adapter, batch, optimizer)
+        steps += out.logs["adt/rollout_steps"]
+        updates += int(out.updates_generator)
+        adversarial += int(out.logs.get("adt/adversarial", 0.0) > 0)
     d_only_saved = adapter.saved.count
     cycles_time = clock(device) - t0
-    iterations = args.cycles * args.g_every
+    compute = (adt.cost_total.forward_equiv - spent.forward_equiv) / args.cycles  # forward-equivalents per cycle
+    iterations = args.cycles * calls
     forwards = steps / iterations  # guided forwards of the rollouts (backward's recomputations not counted)
     cycle = cycles_time / args.cycles
     ideal_iteration = forwards * nograd + ft_backward
-    ideal_cycle = forwards * args.g_every * nograd + ft_backward
+    ideal_cycle = forwards * calls * nograd + ft_backward * updates / args.cycles
+    per_update, per_adversarial = args.cycles / max(1, updates), args.cycles / max(1, adversarial)
     return {
         "ft_step_s": ft_step,
         "ft_backward_s": ft_backward,
@@ -406,6 +425,13 @@ def time_phases(args, model: BenchModel, device) -> dict[str, float]:
         "overhead_ratio": (cycles_time / iterations) / ideal_iteration,
         "overhead_ratio_per_cycle": cycle / ideal_cycle,
         "d_only_saved_tensors": d_only_saved,
+        "d_only_iterations": d_only,
+        # one generator update (FT steps of the mix included) and one ADT update (with the
+        # discriminator-only calls and FT steps of its cycle), in FT steps: compute, then time
+        "update_ft_steps": compute * per_update / 3.0,
+        "update_time_ft_steps": cycle * per_update / ft_step,
+        "adt_update_ft_steps": compute * per_adversarial / 3.0,
+        "adt_update_time_ft_steps": cycle * per_adversarial / ft_step,
     }
 
 
@@ -413,8 +439,8 @@ def memory_phase(args, model: BenchModel, device, phase: str) -> float:
     """Peak memory (bytes) of one FT step or one ADT generator iteration, above the
     memory held before it (models, optimizer state, inputs)."""
     # H = 2: a warm-up iteration (discriminator-only: creates the D optimizer's state), then a
-    # generator one (measured); an iteration computes the same whatever H is
-    adapter, optimizer, x0, cond, ft, adt = setup(args, model, device, g_every=2)
+    # generator one with the adversarial term (measured); it computes the same whatever H is
+    adapter, optimizer, x0, cond, ft, adt = setup(args, model, device, g_every=2, adt_every=1)
     strategy = ft if phase == "ft" else adt
     generator_update(strategy, adapter, (x0, cond), optimizer)
     if device.type == "cuda":
@@ -475,8 +501,20 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--guidance", type=float, default=None, help="default: the family preset's (SD1.5 7, SDXL 5, FLUX.1-dev 3.5)")
     parser.add_argument("--k", type=int, default=3, help="K: graph steps besides the first")
-    parser.add_argument("--g_every", type=int, default=5, help="H")
-    parser.add_argument("--cycles", type=int, default=4, help="H-cycles to time")
+    parser.add_argument("--g_every", type=int, default=DEFAULTS.g_every, help=f"H (default {DEFAULTS.g_every}, the core's)")
+    parser.add_argument(
+        "--adt_every", type=int, default=DEFAULTS.adt_every,
+        help=f"an ADT step every n-th generator step, FT steps between (default {DEFAULTS.adt_every}, the core's)",
+    )
+    parser.add_argument(
+        "--rollout_buffer", type=int, default=DEFAULTS.rollout_buffer,
+        help=f"recent rollouts reused by discriminator steps (default {DEFAULTS.rollout_buffer}, the core's)",
+    )
+    parser.add_argument(
+        "--rollout_share", type=float, default=DEFAULTS.rollout_share,
+        help=f"share of the batch that rolls out (default {DEFAULTS.rollout_share:g}, the core's)",
+    )
+    parser.add_argument("--cycles", type=int, default=4, help="cycles (H x adt_every iterations each) to time")
     parser.add_argument("--ft_steps", type=int, default=10, help="FT steps and no-grad forwards to average")
     parser.add_argument("--no_checkpointing", action="store_true", help="keep the graph steps' activations")
     parser.add_argument(
@@ -537,6 +575,12 @@ def run(args) -> int:
             str(args.k),
             "--g_every",
             str(args.g_every),
+            "--adt_every",
+            str(args.adt_every),
+            "--rollout_buffer",
+            str(args.rollout_buffer),
+            "--rollout_share",
+            str(args.rollout_share),
             "--seed",
             str(args.seed),
             "--threads",
@@ -577,10 +621,19 @@ def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
     print(
         f"\n{name} ({model.resolution} px, batch {args.batch}, {args.method}) on {device.type}; "
         f"{args.sampler} {args.steps} steps, guidance {args.guidance} ({family_of(model).guidance.mode}), K {args.k}, H {args.g_every}, "
+        f"adt_every {args.adt_every}, rollout_buffer {args.rollout_buffer}, rollout_share {args.rollout_share:g}, "
         f"graph-step checkpointing {ckpt}, decoder {args.decoder}"
     )
     print(f"  FT step                          {r['ft_step_s'] * 1000:9.1f} ms")
     print(f"  ADT iteration (H-cycle average)  {r['adt_iteration_s'] * 1000:9.1f} ms")
+    print(
+        f"  one generator update             {r['update_ft_steps']:9.1f}   FT steps of compute (denoiser "
+        f"forward-equivalents / 3; {r['update_time_ft_steps']:.1f} FT steps of time)"
+    )
+    print(
+        f"  one ADT update                   {r['adt_update_ft_steps']:9.1f}   FT steps of compute, with the "
+        f"discriminator-only and FT steps of its cycle ({r['adt_update_time_ft_steps']:.1f} of time)"
+    )
     print(
         f"  denoiser forwards per iteration  {r['forwards_per_iteration']:9.2f}   (one no-grad forward: "
         f"{r['nograd_forward_s'] * 1000:.1f} ms; FT backward + step: {r['ft_backward_s'] * 1000:.1f} ms)"
@@ -594,6 +647,9 @@ def report(name, model, device, args, r, ft_mem, adt_mem) -> None:
         print(
             f"  peak memory ADT / FT             {adt_mem / ft_mem:9.3f}   ({adt_mem / mib:.1f} / {ft_mem / mib:.1f} MiB, {kind}; goal <= 1.5)"
         )
-    print(
-        f"  D-only iterations: tensors saved for backward in denoiser + decoder: {r['d_only_saved_tensors']} (goal 0)"
-    )
+    if r["d_only_iterations"]:
+        print(
+            f"  D-only iterations: tensors saved for backward in denoiser + decoder: {r['d_only_saved_tensors']} (goal 0)"
+        )
+    else:
+        print("  D-only iterations: none with H = 1 (--g_every 5 measures them)")

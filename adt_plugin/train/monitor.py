@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-POSTFIX = {"loss/diff": "loss", "loss/D": "D", "D/real": "real", "D/fake": "fake"}
+# shown on the bar; `ft_steps`: the compute spent so far (this run and what it resumed), in
+# plain fine-tuning steps (denoiser forward-equivalents / 3, strategies/base.py `Cost`)
+POSTFIX = {"loss/diff": "loss", "loss/D": "D", "D/real": "real", "D/fake": "fake", "cost/total_ft_steps": "ft_steps"}
 
 
 class Monitor:

@@ -532,7 +532,7 @@ def flux_batches(n, seed=7):
 
 def flux_run(dinov2, tmp_path, model=FLUX_DEV, guidance_embed=True, **kw):
     adt = dict(adt_backbone_path=str(dinov2), adt_taps=[1, 3], adt_head_channels=8, adt_num_inference_steps=3,
-               adt_g_every=2, adt_k_graph_steps=1, adt_d_lr=1e-3, adt_g_warmup_steps=0, adt_d_warmup_steps=0)
+               adt_g_every=2, adt_adt_every=1, adt_k_graph_steps=1, adt_d_lr=1e-3, adt_g_warmup_steps=0, adt_d_warmup_steps=0)
     adt.update({k: v for k, v in kw.items() if k.startswith("adt_")})
     rest = {k: v for k, v in kw.items() if not k.startswith("adt_")}
     rest.setdefault("batches", flux_batches(rest.get("max_train_steps", 2)))

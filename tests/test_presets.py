@@ -32,7 +32,7 @@ def test_regenerating_the_gui_presets_gives_no_diff(capsys):
 def test_check_names_a_generated_file_that_differs(tmp_path, capsys):
     assert generate.main(["--out", str(tmp_path)]) == 0
     target = tmp_path / generate.TARGETS[0].path
-    target.write_text(target.read_text().replace("--adt_g_every 5", "--adt_g_every 3"))
+    target.write_text(target.read_text().replace("--adt_adt_every 4", "--adt_adt_every 3"))
     assert generate.main(["--check", "--out", str(tmp_path)]) == 1
     assert generate.TARGETS[0].path in capsys.readouterr().err
     assert generate.main(["--out", str(tmp_path)]) == 0 and generate.main(["--check", "--out", str(tmp_path)]) == 0

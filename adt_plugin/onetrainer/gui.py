@@ -41,6 +41,10 @@ FIELDS: tuple[tuple[str, str, str, Optional[tuple[str, ...]]], ...] = (
     ("guidance_scale", "CFG scale", "Classifier-free guidance during the rollout (1 = off)", None),
     ("g_every", "Generator update every", "H: the LoRA / model gets an optimizer step every H-th iteration; the "
      "discriminator trains every iteration", None),
+    ("adt_every", "ADT step every", "Every n-th generator update has the adversarial term (rollout + discriminator); "
+     "the ones between are plain fine-tuning steps (1: every update, the paper)", None),
+    ("rollout_share", "Rollout share", "Share of the batch that rolls out on an ADT step (at least one image); the "
+     "diffusion term keeps the whole batch (1: the paper)", None),
     ("lambda_diff", "Diffusion loss weight", "lambda: weight of the plain diffusion term in the generator loss", None),
     ("k_graph_steps", "Graph steps", "Rollout steps the gradient flows through (the rest run without a graph)", None),
     ("gradient_checkpointing", "Rollout checkpointing", "Recompute the rollout's graph steps in backward (less memory)", None),
@@ -156,7 +160,7 @@ class AdtTab:
                     f"training stops with an error (ADT trains {supported}, LoRA or fine-tune)")
         if section.strategy == "adt":
             return (f"strategy adt, rollout {section.sampler} x {section.num_inference_steps}, CFG {section.guidance_scale}, "
-                    f"generator update every {section.g_every}")
+                    f"generator update every {section.g_every}, an ADT step every {section.adt_every}")
         return f"strategy {section.strategy}: {getattr(STRATEGIES.get(section.strategy), 'description', '')}"
 
     def refresh(self) -> None:

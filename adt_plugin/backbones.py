@@ -96,12 +96,16 @@ def backbone_depth(source: ModelSource) -> int:
 def load_dinov2(path_or_name: str = DEFAULT_DINOV2, taps: Sequence[int] = DEFAULT_TAPS, input_size: int = 224) -> Dinov2Backbone:
     """DINOv2 from a local folder or a Hugging Face hub id: the cache, or one download
     into it when online (as transformers' from_pretrained; HF_HUB_OFFLINE=1 keeps it local)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, Dinov2Model
 
     source = locate_dinov2(path_or_name)
     try:
         config = AutoConfig.from_pretrained(source.load_name, **source.pretrained_kwargs())
-        model = AutoModel.from_pretrained(source.load_name, config=config, **source.pretrained_kwargs())
+        # Dinov2Model directly: AutoModel with a config imports every model class's config to
+        # look it up (transformers 4.5x), and one with a broken optional dependency (Gemma3n
+        # needs timm, timm needs torchvision) stops the run.
+        model_class = Dinov2Model if config.model_type == "dinov2" else AutoModel
+        model = model_class.from_pretrained(source.load_name, config=config, **source.pretrained_kwargs())
     except (OSError, ValueError) as err:
         raise ModelNotFound(hub.not_loadable_message(source, err)) from err
     identity = f"dinov2:{config.hidden_size}x{config.num_hidden_layers}"

@@ -159,10 +159,10 @@ def recording(monkeypatch, cls, result):
 
 
 def test_dinov2_hub_id_reaches_from_pretrained_online_without_local_files_only(online, cache, monkeypatch):
-    from transformers import AutoConfig, AutoModel, Dinov2Model
+    from transformers import AutoConfig, Dinov2Model
 
     config_calls = recording(monkeypatch, AutoConfig, lambda **kw: tiny_dinov2_config())
-    model_calls = recording(monkeypatch, AutoModel, lambda **kw: Dinov2Model(kw["config"]))
+    model_calls = recording(monkeypatch, Dinov2Model, lambda **kw: Dinov2Model(kw["config"]))
     backbone = load_dinov2(SMALL, taps=(1, 3), input_size=16)
     assert [c[0] for c in config_calls + model_calls] == [SMALL, SMALL]
     for _, kwargs in config_calls + model_calls:
@@ -171,12 +171,12 @@ def test_dinov2_hub_id_reaches_from_pretrained_online_without_local_files_only(o
 
 
 def test_dinov2_hub_id_with_hf_hub_offline_reaches_from_pretrained_with_local_files_only(online, cache, monkeypatch):
-    from transformers import AutoConfig, AutoModel, Dinov2Model
+    from transformers import AutoConfig, Dinov2Model
 
     config_only_folder(cache_entry(cache, SMALL))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config_calls = recording(monkeypatch, AutoConfig, lambda **kw: tiny_dinov2_config())
-    model_calls = recording(monkeypatch, AutoModel, lambda **kw: Dinov2Model(kw["config"]))
+    model_calls = recording(monkeypatch, Dinov2Model, lambda **kw: Dinov2Model(kw["config"]))
     load_dinov2(SMALL, taps=(1, 3), input_size=16)
     assert [c[0] for c in config_calls + model_calls] == [SMALL, SMALL]
     assert all(kwargs["local_files_only"] is True for _, kwargs in config_calls + model_calls)

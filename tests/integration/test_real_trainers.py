@@ -96,7 +96,7 @@ class TestSdScripts:
                 "--max_data_loader_n_workers", "0", *extra]
         if adt:
             cmd += ["--adt_backbone_path", backbone or root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
-                    "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
+                    "--adt_g_every", "2", "--adt_adt_every", "1", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
         return run(cmd, **env)
 
     def test_train_save_prune_state_and_resume(self, world, tmp_path):
@@ -160,7 +160,7 @@ class TestSdScripts:
                "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--sdpa", "--seed", "1", "--cache_latents",
                "--no_half_vae", "--max_data_loader_n_workers", "0", "--max_train_steps", "2", "--save_every_n_steps", "1",
                "--logging_dir", tmp_path / "logs", "--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3",
-               "--adt_num_inference_steps", "3", "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
+               "--adt_num_inference_steps", "3", "--adt_g_every", "2", "--adt_adt_every", "1", "--adt_k_graph_steps", "1", "--adt_head_channels", "8"]
         try:
             rc, log = run(cmd)
             assert rc == 0, log[-3000:]
@@ -239,7 +239,7 @@ class TestSdScripts:
                "--save_every_n_steps", "1", "--mixed_precision", precision, "--guidance_scale", "1.0",
                "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
                "--adt_backbone_path", root / "dinov2", "--adt_taps", "1", "3", "--adt_num_inference_steps", "3",
-               "--adt_g_every", "2", "--adt_k_graph_steps", "1", "--adt_head_channels", "8", *extra]
+               "--adt_g_every", "2", "--adt_adt_every", "1", "--adt_k_graph_steps", "1", "--adt_head_channels", "8", *extra]
         return run(cmd, HF_HUB_OFFLINE="1")
 
     def test_flux_dev_trains_in_sd_scripts_own_flux_trainer(self, world, flux_world, tmp_path):
@@ -250,7 +250,7 @@ class TestSdScripts:
         rc, log = self.flux_train(world, flux_world, out, "dev", "--max_train_steps", "4", "--logging_dir", tmp_path / "logs")
         assert rc == 0, log[-3000:]
         assert f"adt_plugin from {REPO / 'adt_plugin'}" in log  # this checkout, not an installed copy
-        assert ("ADT: strategy adt, FLUX.1-dev: rollout flow_euler x 3 steps (graph through 1), embedded guidance 3.5,"
+        assert ("ADT: strategy adt, FLUX.1-dev: rollout flow_euler x 3 steps (graph through 1) on 0.25 of the batch, embedded guidance 3.5,"
                 in log), log[-3000:]
         steps = [digests(python, out / f"tiny-step0000000{i}.safetensors") for i in range(1, 5)]
         assert all(nonzero == 0 for k, (nonzero, _) in steps[0].items() if "lora_up" in k)  # iteration 1: D only
@@ -268,7 +268,7 @@ class TestSdScripts:
         rc, log = self.flux_train(world, flux_world, tmp_path / "schnell", "schnell", "--max_train_steps", "2",
                                   "--adt_num_inference_steps", "4")
         assert rc == 0, log[-3000:]
-        assert "ADT: strategy adt, FLUX.1-schnell: rollout flow_euler x 4 steps (graph through 1), no guidance," in log
+        assert "ADT: strategy adt, FLUX.1-schnell: rollout flow_euler x 4 steps (graph through 1) on 0.25 of the batch, no guidance," in log
         rc, log = self.flux_train(world, flux_world, tmp_path / "fp8", "dev", "--max_train_steps", "2", "--fp8_base",
                                   "--gradient_checkpointing", precision="bf16")
         assert rc == 0, log[-3000:]
@@ -290,10 +290,10 @@ import torch
 from library import sd3_models, strategy_sd3
 from adt_plugin import AdtSettings, build_strategy
 from adt_plugin.bridge import FunctionAdapter, StrategyRunner
-from adt_plugin.kohya.families import FAMILIES, KohyaContext
+from adt_plugin.kohya.families import KohyaContext, model_for_script
 
 torch.manual_seed(0)
-family = FAMILIES["sd3"]
+family = model_for_script("sd3_train_network.py")
 params = sd3_models.SD3Params(patch_size=2, depth=2, num_patches=64, pos_embed_max_size=8, adm_in_channels=2048, qk_norm=None,
                               x_block_self_attn_layers=[], context_embedder_in_features=4096, context_embedder_out_features=128,
                               model_type="medium")
@@ -378,7 +378,7 @@ class TestOneTrainer:
             "backup_after": 2, "backup_after_unit": "STEP", "save_every": 2, "save_every_unit": "STEP",
             "output_model_destination": str(workspace / "out" / "lora.safetensors"),
             "adt": {"backbone_path": str(root / "dinov2"), "taps": [1, 3], "head_channels": 8, "num_inference_steps": 3,
-                    "g_every": 2, "k_graph_steps": 1, "guidance_scale": 2.0},
+                    "g_every": 2, "adt_every": 1, "k_graph_steps": 1, "guidance_scale": 2.0},
         }
         config.update(changes)
         path = workspace.with_suffix(".json")
@@ -519,7 +519,7 @@ class TestOneTrainer:
         assert seen["start"]["title"] == "ADT: off" and seen["start"]["switch"] is False
         # the ADT preset turns it on, and the tab shows the preset's values
         assert seen["adt_preset"]["title"] == "ADT: on" and seen["adt_preset"]["switch"] is True
-        assert seen["adt_preset"]["g_every_text"] == "5" and "rollout ddim x 50" in seen["adt_preset"]["status"]
+        assert seen["adt_preset"]["g_every_text"] == "1" and "rollout ddim x 50" in seen["adt_preset"]["status"]
         # what is typed is what the config holds (and what a saved config keeps); a bad value stops "Start Training"
         assert seen["typed_3"]["g_every"] == 3 and "generator update every 3" in seen["typed_3"]["status"]
         assert seen["errors_at_0"] == ["adt.g_every: g_every must be >= 1, got 0"] and seen["errors_at_4"] == []

@@ -316,7 +316,7 @@ cond = family.pack_cond(ctx, conds, {})
 empty = family.pack_cond(ctx, [torch.zeros(1, 77, 2048), None, torch.zeros(1, 2048), None, None, None], {})
 adapter = FunctionAdapter(family.scheduler_config(None, None), lambda x, t, c: family.denoise(ctx, x, t, c),
                           lambda c: empty, lambda z: family.decode(ctx, z))
-settings = AdtSettings(sampler="flow_euler", num_inference_steps=4, g_every=2, k_graph_steps=1, taps=(1, 3),
+settings = AdtSettings(sampler="flow_euler", num_inference_steps=4, g_every=2, adt_every=1, k_graph_steps=1, taps=(1, 3),
                        head_channels=8, backbone_path=sys.argv[2], guidance_scale=3.0)
 runner = StrategyRunner(build_strategy(settings, adapter.scheduler_config))
 x0 = torch.randn(1, 16, 8, 8)

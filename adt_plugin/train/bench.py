@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..families import FamilyAdapter
+from ..families import FamilyAdapter, get_family
 from ..selfcheck import DDPM_EPS
 from ..settings import AdtSettings
 
@@ -133,16 +133,7 @@ TINY_FLUX = BenchModel(
     dinov2=TINY.dinov2,
     family="flux_dev",
     text={"encoder_hidden_states": (16, 32), "pooled_projections": (32,)},
-    scheduler={
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "shift": 3.0,
-        "use_dynamic_shifting": True,
-        "base_shift": 0.5,
-        "max_shift": 1.15,
-        "base_image_seq_len": 256,
-        "max_image_seq_len": 4096,
-    },
+    scheduler=dict(get_family("flux_dev").scheduler_config),  # the released model's
 )
 SD_VAE = dict(
     block_out_channels=(128, 256, 512, 512),
@@ -179,8 +170,6 @@ MODELS = {m.name: m for m in (TINY, TINY_FLUX, SD15, SDXL)}
 
 
 def family_of(model: BenchModel):
-    from ..families import get_family
-
     return get_family(model.family)
 
 

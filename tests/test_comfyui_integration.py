@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,14 @@ def server(request, tmp_path_factory):
     """The pack loaded through ComfyUI's V3 entrypoint, then through the V1 fallback."""
     base = tmp_path_factory.mktemp("comfy_base")
     _build_base_directory(base)
+    with comfyui_server(base, request.param) as running:
+        yield running
+
+
+@contextmanager
+def comfyui_server(base: Path, api: str):
+    """`main.py --cpu` on `base` (its models and custom_nodes), until the ADT nodes are
+    served; stopped (its whole process group) on leaving."""
     port = _free_port()
     log_path = base / "server.log"
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -133,7 +142,7 @@ def server(request, tmp_path_factory):
     with open(log_path, "w") as log:
         # this checkout's adt_plugin, not one installed in ComfyUI's Python from elsewhere
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "ADT_COMFYUI_NODE_API": request.param, "PYTHONPATH": pythonpath}
+        env = {**os.environ, "ADT_COMFYUI_NODE_API": api, "PYTHONPATH": pythonpath}
         process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -148,7 +157,7 @@ def server(request, tmp_path_factory):
                 if time.time() > deadline:
                     pytest.fail(f"ComfyUI did not serve the ADT nodes in time:\n{log_path.read_text()[-4000:]}")
                 time.sleep(2)
-        yield {"url": url, "base": base, "log": log_path, "api": request.param}
+        yield {"url": url, "base": base, "log": log_path, "api": api}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

@@ -136,3 +136,53 @@ def build_sd3_checkpoint(seed: int = 0):
             sd[f"text_encoders.clip_l.transformer.text_model.{key.removeprefix('text_model.')}"] = value
     sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     return {k: v.to(torch.float16).contiguous() for k, v in sd.items()}, transformer
+
+
+def tiny_flux_transformer():
+    """The smallest FLUX.1 transformer ComfyUI detects as FLUX (comfy/model_detection.py
+    at a125cd84): it infers only the depths, the input channels, `vec_in_dim` (from
+    vector_in) and the guidance embedding (from guidance_in) from the weights and fixes
+    the rest at FLUX.1's sizes (hidden 3072 = 24 heads x 128, context 4096, rope axes
+    16/56/56). So: one double and one single block (548M parameters), the pooled width
+    2048 the CLIP-L-only SD3 text encoder gives (see `build_flux_files`)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=2048, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )
+
+
+def flux_vae():
+    """FLUX.1's VAE architecture (16 latent channels, no quant convs) at SD size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def build_flux_files(seed: int = 0):
+    """Separate files, as FLUX.1 is shipped and loaded in ComfyUI (UNETLoader, CLIPLoader,
+    VAELoader): (FLUX.1-dev transformer in BFL's layout, the same without guidance_in
+    (schnell's layout), a CLIP-L text encoder, the VAE, the diffusers transformer).
+
+    The text encoder cannot be FLUX's own: ComfyUI builds T5-XXL (4.7B parameters) at full
+    size whatever the file holds. CLIPLoader's `sd3` type with a CLIP-L file gives the
+    context FLUX reads (CLIP-L's tokens zero-padded to T5's width 4096) and a 2048-wide
+    pooled vector (CLIP-L's + zeros for CLIP-G), hence vec_in_dim 2048 here (768 in
+    FLUX.1, where the pooled vector is CLIP-L's alone)."""
+    from adt_plugin.train.keymap import to_original_state_dict
+
+    torch.manual_seed(seed)
+    transformer, text, vae = tiny_flux_transformer(), sd15_text_encoder(), flux_vae()
+    dev = to_original_state_dict("flux_dev", transformer.state_dict(), transformer.config)
+    dev = {k: v.to(torch.bfloat16).contiguous() for k, v in dev.items()}
+    schnell = {k: v for k, v in dev.items() if not k.startswith("guidance_in.")}
+    clip_l = {f"text_model.{k.removeprefix('text_model.')}": v.to(torch.float16).contiguous()
+              for k, v in text.state_dict().items() if "position_ids" not in k}
+    clip_l["text_projection.weight"] = torch.randn(768, 768, dtype=torch.float16) / 768**0.5  # CLIP-L's, unused by FLUX
+    vae_sd = {k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
+    return dev, schnell, clip_l, vae_sd, transformer

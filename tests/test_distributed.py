@@ -78,3 +78,48 @@ def test_two_processes_average_broadcast_and_agree(tmp_path):
         assert out["broadcast"] == [0.0, 0.0]
         assert out["all_true"] == [True, False]
         assert "processes diverged" in out["diverged"]
+
+
+NONFINITE_WORKER = r"""
+import datetime, json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from tiny import DDPM_CONFIG, tiny_dinov2
+from adt_plugin import AdtSettings, build_strategy
+rank, init = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+settings = AdtSettings(taps=(1, 3), head_channels=8, d_lr=1e-3, d_warmup_steps=0, seed=0)
+strategy = build_strategy(settings, DDPM_CONFIG, backbone=tiny_dinov2())
+images = torch.rand(2, 3, 16, 16)
+real, target, fake, _ = strategy._features(type("M", (), {"count_discriminator": lambda self, n: None})(),
+                                             images, images.flip(0), {"labels": torch.arange(2)}, None, False)
+if rank == 1:  # this process's discriminator loss is not finite, the other's is
+    fake = [torch.full_like(f, float("nan")) for f in fake]
+before = [p.detach().clone() for p in strategy.disc.trainable_parameters()]
+logs = strategy._discriminator_step(real, target, fake)
+moved = any(not torch.equal(a, p) for a, p in zip(before, strategy.disc.trainable_parameters()))
+dist.barrier()  # a process left waiting in the step's all-reduce never gets here
+print(json.dumps({"skipped": strategy.skipped_d_steps, "moved": moved}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="no gloo")
+def test_a_non_finite_discriminator_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
+    """One process's NaN discriminator loss must not leave the others waiting in the
+    gradient all-reduce: every process skips that step, and the weights stay identical."""
+    import subprocess
+    from pathlib import Path
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    here = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", NONFINITE_WORKER, str(r), init, here],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert results == [{"skipped": 1, "moved": False}] * 2

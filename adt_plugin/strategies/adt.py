@@ -53,7 +53,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..discriminator import Discriminator, build_discriminator
-from ..distributed import average_batch_norm_stats, average_gradients, broadcast_from_rank0
+from ..distributed import all_true, average_batch_norm_stats, average_gradients, broadcast_from_rank0
 from ..families import ModelFamily
 from ..losses import diffusion_loss, hinge_d_loss, hinge_g_loss
 from ..noise import NoiseSchedule
@@ -400,7 +400,9 @@ class AdtStrategy(LossStrategy):
             "lr/D": self.d_optimizer.param_groups[0]["lr"],
         }
         self.d_optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(l_d):
+        # every process skips when any one's loss is not finite: the others would wait in the
+        # gradient all-reduce below for a process that never joins it
+        if not all_true(bool(torch.isfinite(l_d)), device=l_d.device):
             self.skipped_d_steps += 1
             logs["D/skipped"] = float(self.skipped_d_steps)
             return logs

@@ -6,9 +6,10 @@ name and one default everywhere. Defaults are the paper's (SD1.5 + DDIM 50), exc
 how the two generator terms are balanced and which real image a rollout is scored
 against (adv_balance, adv_ratio, reference: what the digits study found; the paper's
 formulation is adv_balance="none", reference="self"), and what a run spends its
-compute on (g_every, k_graph_steps, adt_every, rollout_buffer, rollout_share, adv_ratio:
-what the compute study found, docs/demo.md "What ADT costs"; the paper: g_every=5,
-k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1).
+compute on (g_every, k_graph_steps, adt_every, rollout_buffer, rollout_share, adv_ratio,
+lambda_diff: what the compute study found, docs/demo.md "What ADT costs"; the paper:
+g_every=5, k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1,
+lambda_diff=0.5).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class AdtSettings:
     gradient_checkpointing: bool = False
     # generator side
     g_every: int = 1  # H: the generator loss is returned every H-th iteration
-    lambda_diff: float = 0.5
+    lambda_diff: float = 1.0  # the paper: 0.5; 1.0 gives ADT steps FT's diffusion weight (the compute study)
     g_warmup_steps: int = 500
     # Decode for the discriminator with a tiny autoencoder (a local AutoencoderTiny
     # folder: TAESD / TAESDXL / TAESD3) instead of the model's VAE. The generator's

@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "share25_k0_ratio1": {"adt_every": 1, "k_graph_steps": 0, "rollout_buffer": 0, "rollout_share": 0.25, "adv_ratio": 1.0},
     # the default (the core's) with the diffusion term at FT's weight on the ADT steps, and with half the ratio
     "default_lambda1": {"lambda_diff": 1.0},
+    "default_lambda2": {"lambda_diff": 2.0},
     "default_ratio05": {"adv_ratio": 0.5},
     # the control: the mix without the adversarial term (FT with ADT's draws and rollouts)
     "mix4_k0_control": {"adt_every": 4, "k_graph_steps": 0, "rollout_buffer": 1, "rollout_share": 1.0, "adv_ratio": 0.0},

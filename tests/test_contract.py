@@ -277,7 +277,7 @@ def test_a_discriminator_without_signal_gets_a_bounded_weight():
         out = strategy(model, batch())
         assert out.logs["adt/balance_unbounded"] > 1e4  # what the balance alone would have asked for
         assert out.logs["adt/balance"] == MAX_ADV_WEIGHT == 1.0
-        assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + 0.5 * out.logs["loss/diff_uniform"], rel=1e-5)
+        assert out.logs["loss/G"] == pytest.approx(out.logs["loss/G_adv"] + strategy.settings.lambda_diff * out.logs["loss/diff_uniform"], rel=1e-5)
         assert abs(out.logs["loss/G"]) < 10
 
 

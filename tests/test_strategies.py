@@ -11,7 +11,7 @@ from adt_plugin.strategies.adt import AdtStrategy
 
 def settings(**kw):
     # the paper's compute settings (the modes under test are set by each test)
-    base = dict(g_every=5, k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1.0, adv_ratio=0.3, num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
+    base = dict(g_every=5, k_graph_steps=3, adt_every=1, rollout_buffer=0, rollout_share=1.0, adv_ratio=0.3, lambda_diff=0.5, num_inference_steps=6, guidance_scale=2.0, taps=(1, 3), head_channels=8, d_lr=1e-3,
                 d_warmup_steps=4, g_warmup_steps=2, seed=0)
     base.update(kw)
     return AdtSettings(**base)
@@ -237,7 +237,8 @@ def test_defaults_balance_the_gradients_and_the_paper_mode_is_a_setting():
     assert (s.g_every, s.k_graph_steps, s.adt_every, s.rollout_buffer, s.rollout_share) == (1, 0, 4, 1, 0.25)
     paper = AdtSettings(adv_balance="none", reference="self", diff_timestep="start", g_every=5, k_graph_steps=3,
                         adt_every=1, rollout_buffer=0, rollout_share=1.0)
-    assert (paper.lambda_diff, paper.d_lr, paper.tau) == (0.5, 5e-6, 0.99)
+    assert (paper.d_lr, paper.tau) == (5e-6, 0.99) and AdtSettings(lambda_diff=0.5).lambda_diff == 0.5
+    assert s.lambda_diff == 1.0  # the compute study's; the paper's 0.5 is a setting
     with pytest.raises(SettingsError, match="adv_balance must be"):
         AdtSettings(adv_balance="auto")
     with pytest.raises(SettingsError, match="reference must be one of"):

@@ -86,7 +86,7 @@ def test_every_preset_is_a_valid_config_with_the_papers_settings():
     for name in known:
         config = load_run_config(None, name, ["model.path=m", "data.folder=d"])
         a = config.adt
-        assert (a.lambda_diff, a.tau) == (0.5, 0.99), name
+        assert (a.lambda_diff, a.tau) == (1.0, 0.99), name
         # the compute study's cycle (docs/demo.md), not the paper's g_every 5 / K 3 / every step ADT
         cycle = (a.k_graph_steps, a.g_every, a.adt_every, a.rollout_buffer, a.rollout_share, a.adv_ratio)
         assert cycle == (0, 1, 4, 1, 0.25, 1.0), name

@@ -382,7 +382,7 @@ def test_the_later_families_presets_run_their_deployed_sampler(stem):
         check_sampler_fits(config, family)
         check_model_fits(config, family)
         a = config.adt
-        assert a.lambda_diff == 0.5  # the paper's training settings, with the compute study's cycle
+        assert a.lambda_diff == 1.0  # the paper's training settings, with the compute study's cycle and lambda
         assert (a.k_graph_steps, a.g_every, a.adt_every, a.rollout_share) == (0, 1, 4, 0.25)
         if suffix.startswith("lora"):
             assert config.train.method == "lora" and config.data.cache_latents and config.data.cache_text
